@@ -1,0 +1,178 @@
+"""Plans to weights: the one generic place that touches parameters.
+
+Given a :class:`~autoalign.spec.MergeSpec` and, per merge point, a ``merge``
+matrix ``M`` (model coordinates → merged coordinates) and an ``unmerge`` matrix
+``U`` (merged → model), every parameter axis moves by its role:
+
+* ``output``, ``channel``, ``additive``: ``W <- M W`` along the axis,
+* ``input``: ``W <- W U`` along the axis (for each replica after ``flatten``),
+* ``folded``: BatchNorm vectors already folded into their producer (left alone).
+
+BatchNorm layers listed in ``spec.folds`` are first folded into their producer
+(exact in eval mode), so a dense ``M`` is valid for them.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, MutableMapping, Sequence
+
+import torch
+
+from .errors import SpecError
+from .spec import AxisRole, MergeSpec
+
+__all__ = ["fold_batchnorm", "transform_state_dict", "average_state_dicts"]
+
+Transform = tuple[torch.Tensor, torch.Tensor]
+
+
+def fold_batchnorm(state_dict: Mapping[str, torch.Tensor], spec: MergeSpec) -> dict[str, torch.Tensor]:
+    """Fold every BatchNorm of ``spec.folds`` into its producer (a new state dict).
+
+    The producer becomes ``W' = diag(s) W`` with ``s = gamma / sqrt(var + eps)``; the
+    BatchNorm becomes an identity normalisation (weight 1, running mean 0, running
+    variance ``1 - eps``) whose bias holds ``s (b - mean) + beta``; the producer's
+    own bias, if any, becomes 0. In eval mode the function is unchanged.
+    """
+    sd = dict(state_dict)
+    for f in spec.folds:
+        try:
+            w = sd[f.producer_weight].double()
+            mean, var = sd[f.running_mean].double(), sd[f.running_var].double()
+        except KeyError as exc:
+            raise SpecError(f"BatchNorm fold refers to {exc.args[0]!r}, which is not in the state dict") from None
+        gamma = sd[f.weight].double() if f.weight else torch.ones_like(mean)
+        beta = sd[f.bias].double() if f.bias else torch.zeros_like(mean)
+        b = sd[f.producer_bias].double() if f.producer_bias else torch.zeros_like(mean)
+        s = gamma / torch.sqrt(var + f.eps)
+        dt = sd[f.producer_weight].dtype
+        sd[f.producer_weight] = (w * s.reshape(-1, *([1] * (w.dim() - 1)))).to(dt)
+        if f.producer_bias:
+            sd[f.producer_bias] = torch.zeros_like(sd[f.producer_bias])
+        if f.weight:
+            sd[f.weight] = torch.ones_like(sd[f.weight])
+        if not f.bias:
+            raise SpecError(f"cannot fold BatchNorm {f.running_mean.rsplit('.', 1)[0]!r} without an affine bias")
+        sd[f.bias] = (s * (b - mean) + beta).to(sd[f.bias].dtype)
+        sd[f.running_mean] = torch.zeros_like(sd[f.running_mean])
+        sd[f.running_var] = torch.full_like(sd[f.running_var], 1.0 - f.eps)
+    return sd
+
+
+def _apply_axis(t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, mat: torch.Tensor) -> None:
+    """Apply one point's matrix along one axis of ``t`` (in place, ``t`` is float64)."""
+    view = t
+    if ax.block is not None:
+        b_axis, start, stop = ax.block
+        view = t.narrow(b_axis, start, stop - start)
+    r, d = idx.shape
+    flat = idx.reshape(-1)
+    if ax.role == "input":
+        x = view.movedim(ax.axis, -1)
+        g = x[..., flat].reshape(*x.shape[:-1], r, d)
+        x[..., flat] = (g @ mat).reshape(*x.shape[:-1], r * d)
+    else:
+        x = view.movedim(ax.axis, 0)
+        g = x[flat].reshape(r, d, -1)
+        x[flat] = torch.einsum("ij,rjk->rik", mat, g).reshape(r * d, *x.shape[1:])
+
+
+def transform_state_dict(
+    state_dict: Mapping[str, torch.Tensor],
+    spec: MergeSpec,
+    transforms: Mapping[str, Transform],
+) -> dict[str, torch.Tensor]:
+    """Move one model's weights into merged coordinates.
+
+    Parameters
+    ----------
+    state_dict : mapping of str to Tensor
+        The model's state dict (not modified).
+    spec : MergeSpec
+        The architecture's merge spec.
+    transforms : mapping of point name to (merge, unmerge)
+        ``merge`` has shape ``(d, d)`` and maps the model's coordinates into the
+        merged ones; ``unmerge`` has shape ``(d, d)`` and maps back (for a single
+        model, ``unmerge = merge^{-1}``). Points not listed are left as they are.
+
+    Returns
+    -------
+    dict of str to Tensor
+        A new state dict, BatchNorm folded where the spec says so, every listed
+        point's axes transformed, dtypes preserved.
+
+    Raises
+    ------
+    SpecError
+        If a transform names an unknown or frozen point, or has the wrong shape.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> spec = autoalign.find_merge_points(net, torch.randn(5, 3))
+    >>> P = torch.eye(4)[[2, 0, 3, 1]]
+    >>> sd = autoalign.transform_state_dict(net.state_dict(), spec, {"0": (P, P.T)})
+    >>> torch.equal(sd["0.weight"], P @ net.state_dict()["0.weight"])
+    True
+    """
+    mats: dict[int, Transform] = {}
+    for name, (m, u) in transforms.items():
+        i = spec.index_of(name)
+        p = spec.points[i]
+        if p.kind == "frozen":
+            raise SpecError(f"merge point {name!r} is frozen ({p.reason}); it takes no transform")
+        for what, t in (("merge", m), ("unmerge", u)):
+            if tuple(t.shape) != (p.dim, p.dim):
+                raise SpecError(f"{what} matrix of merge point {name!r} has shape {tuple(t.shape)}, expected ({p.dim}, {p.dim})")
+        mats[i] = (m.detach().to("cpu", torch.float64), u.detach().to("cpu", torch.float64))
+    sd = fold_batchnorm(state_dict, spec) if spec.folds else dict(state_dict)
+    work: dict[str, torch.Tensor] = {}
+    for ax in spec.axes:
+        if ax.role == "folded":
+            continue
+        for p in ax.points():
+            if p not in mats:
+                continue
+            if ax.tensor not in sd:
+                raise SpecError(f"the spec names {ax.tensor!r}, which is not in the state dict")
+            if ax.tensor not in work:
+                work[ax.tensor] = sd[ax.tensor].detach().to("cpu", torch.float64).clone()
+            if work[ax.tensor].shape[ax.axis] != ax.size:
+                raise SpecError(
+                    f"{ax.tensor} axis {ax.axis} has size {work[ax.tensor].shape[ax.axis]} but the spec expects {ax.size}"
+                )
+            idx = torch.as_tensor(ax.index(p, spec.points[p].dim))
+            m, u = mats[p]
+            _apply_axis(work[ax.tensor], ax, idx, u if ax.role == "input" else m)
+    for k, v in work.items():
+        sd[k] = v.to(dtype=state_dict[k].dtype, device=state_dict[k].device)
+    return sd
+
+
+def average_state_dicts(
+    state_dicts: Sequence[Mapping[str, torch.Tensor]], weights: Sequence[float] | None = None
+) -> dict[str, torch.Tensor]:
+    """Weighted average of state dicts with identical keys and shapes.
+
+    Floating-point tensors are averaged with ``weights`` (uniform by default,
+    normalised to sum to one); integer tensors (e.g. ``num_batches_tracked``) are
+    taken from the first state dict.
+    """
+    if not state_dicts:
+        raise ValueError("average_state_dicts needs at least one state dict")
+    n = len(state_dicts)
+    w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+    if w.shape != (n,):
+        raise ValueError(f"weights has {w.numel()} entries for {n} state dicts")
+    w = w / w.sum()
+    out: MutableMapping[str, torch.Tensor] = {}
+    for k, v0 in state_dicts[0].items():
+        if torch.is_floating_point(v0):
+            acc = torch.zeros(v0.shape, dtype=torch.float64, device=v0.device)
+            for wi, sd in zip(w.tolist(), state_dicts):
+                acc += wi * sd[k].detach().to(torch.float64)
+            out[k] = acc.to(v0.dtype)
+        else:
+            out[k] = v0.clone()
+    return dict(out)

@@ -1,0 +1,476 @@
+"""The merge spec: plain data saying which parameter axis belongs to which merge point.
+
+A :class:`MergeSpec` is what :func:`autoalign.find_merge_points` discovers and what
+every other part of the library consumes. It is a table in the spirit of
+git-re-basin's "permutation spec", but generated, not written by hand:
+
+* a list of :class:`MergePoint` — groups of feature coordinates that must share one
+  transform, each with a dimension ``dim``, the most general transform ``kind`` it
+  admits, and the reason when that kind is restricted;
+* a list of :class:`AxisRole` — for every parameter/buffer axis that indexes
+  feature coordinates, which merge point (and which coordinate of it) each position
+  of the axis holds, and the role of the axis (how a transform moves it);
+* a list of :class:`FoldedNorm` — BatchNorm layers that fold exactly into the
+  producer before them, so their merge point keeps the ``linear`` kind.
+
+Roles
+-----
+``output``
+    rows of a producer, ``W <- M W`` (also biases).
+``input``
+    columns of a consumer, ``W <- W U`` where ``U`` is the unmerge matrix.
+``channel``
+    per-channel vectors (BatchNorm/LayerNorm affine and statistics, depthwise
+    filters, layer scale): ``v <- M v``; only valid when ``M`` is a permutation.
+``additive``
+    vectors added to the feature stream (class tokens, position embeddings):
+    ``v <- M v``, exact under any linear map.
+``folded``
+    BatchNorm vectors folded into their producer: reset to the identity
+    normalisation when merged; never transformed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import numpy as np
+
+from .errors import SpecError
+
+__all__ = ["KINDS", "ROLES", "MergePoint", "Site", "AxisRole", "FoldedNorm", "MergeSpec"]
+
+#: Transform kinds from the most restricted to the most general.
+KINDS: tuple[str, ...] = ("frozen", "permutation", "orthogonal", "linear")
+#: Roles a parameter axis can play.
+ROLES: tuple[str, ...] = ("output", "input", "channel", "additive", "folded")
+_KIND_RANK = {k: i for i, k in enumerate(KINDS)}
+
+SPEC_FORMAT_VERSION = 1
+
+
+def kind_rank(kind: str) -> int:
+    """Rank of a transform kind: 0 for ``frozen`` up to 3 for ``linear``."""
+    try:
+        return _KIND_RANK[kind]
+    except KeyError:
+        raise SpecError(f"unknown transform kind {kind!r}; expected one of {KINDS}") from None
+
+
+def _replica_index(positions: np.ndarray, locals_: np.ndarray, dim: int) -> np.ndarray | None:
+    """Arrange axis positions holding coordinates ``0..dim-1`` into a ``(R, dim)`` matrix.
+
+    Row ``r`` holds, for each coordinate ``j``, the position of its ``r``-th
+    occurrence (in order along the axis). Returns ``None`` when coordinates occur
+    an unequal number of times.
+    """
+    if positions.size == 0 or positions.size % dim:
+        return None
+    order = np.lexsort((positions, locals_))  # by local, then by position
+    sorted_locals = locals_[order]
+    reps = positions.size // dim
+    if not np.array_equal(sorted_locals, np.repeat(np.arange(dim), reps)):
+        return None
+    return positions[order].reshape(dim, reps).T.copy()
+
+
+@dataclass(frozen=True)
+class Site:
+    """A tensor in the traced graph where a merge point's features can be observed.
+
+    Attributes
+    ----------
+    node : str
+        Name of the fx node whose output holds the features.
+    axis : int
+        Feature axis of that output tensor (other axes are treated as samples).
+    index : numpy.ndarray of int64, shape (R, dim)
+        ``index[r, j]`` is the position along ``axis`` of the ``r``-th replica of
+        the point's coordinate ``j`` (``R > 1`` after ``flatten``).
+    """
+
+    node: str
+    axis: int
+    index: np.ndarray
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"node": self.node, "axis": self.axis, "index": self.index.tolist()}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "Site":
+        return cls(d["node"], int(d["axis"]), np.asarray(d["index"], dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class MergePoint:
+    """A group of feature coordinates that must share one transform.
+
+    Attributes
+    ----------
+    name : str
+        Stable readable name, from the fx node of its main producer
+        (e.g. ``"layer2.0.conv1"``; ``"name[k]"`` when a producer's outputs form
+        several points, ``"name/h3"`` for attention head 3).
+    dim : int
+        Number of coordinates ``d``; transforms of this point are ``(d, d)``.
+    kind : str
+        Most general transform that keeps the network well-formed: one of
+        ``"linear"``, ``"orthogonal"``, ``"permutation"``, ``"frozen"``.
+    reason : str or None
+        Why the kind is restricted (names the node responsible); ``None`` for
+        ``linear`` points.
+    io : bool
+        True when the point is frozen because it touches the model's inputs or
+        outputs (such points are left out of coverage).
+    producers : tuple of str
+        Nodes that create the point's coordinates.
+    sites : tuple of Site
+        Tensors where the point's features are observed (consumer inputs first).
+    """
+
+    name: str
+    dim: int
+    kind: str
+    reason: str | None = None
+    io: bool = False
+    producers: tuple[str, ...] = ()
+    sites: tuple[Site, ...] = ()
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "dim": self.dim,
+            "kind": self.kind,
+            "reason": self.reason,
+            "io": self.io,
+            "producers": list(self.producers),
+            "sites": [s.to_dict() for s in self.sites],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MergePoint":
+        kind_rank(d["kind"])
+        return cls(
+            name=d["name"],
+            dim=int(d["dim"]),
+            kind=d["kind"],
+            reason=d.get("reason"),
+            io=bool(d.get("io", False)),
+            producers=tuple(d.get("producers", ())),
+            sites=tuple(Site.from_dict(s) for s in d.get("sites", ())),
+        )
+
+
+def _encode_runs(point_of: np.ndarray, local_of: np.ndarray) -> list[list[int]]:
+    """Run-length encode ``(point_of, local_of)`` as ``[start, length, point, local0, step]``."""
+    runs: list[list[int]] = []
+    n = point_of.size
+    i = 0
+    while i < n:
+        p, l0 = int(point_of[i]), int(local_of[i])
+        if i + 1 < n and point_of[i + 1] == p:
+            step = int(local_of[i + 1]) - l0
+            if step not in (0, 1):
+                step = 0
+        else:
+            step = 0
+        j = i + 1
+        while j < n and point_of[j] == p and local_of[j] == l0 + step * (j - i):
+            j += 1
+        runs.append([i, j - i, p, l0, step])
+        i = j
+    return runs
+
+
+def _decode_runs(runs: Iterable[Iterable[int]], n: int) -> tuple[np.ndarray, np.ndarray]:
+    point_of = np.full(n, -1, dtype=np.int64)
+    local_of = np.full(n, -1, dtype=np.int64)
+    for start, length, p, l0, step in runs:
+        point_of[start : start + length] = p
+        local_of[start : start + length] = l0 + step * np.arange(length)
+    return point_of, local_of
+
+
+@dataclass
+class AxisRole:
+    """How one axis of one parameter or buffer indexes merge-point coordinates.
+
+    Attributes
+    ----------
+    tensor : str
+        State-dict key of the parameter or buffer.
+    axis : int
+        The axis (non-negative).
+    role : str
+        One of :data:`ROLES`.
+    point_of : numpy.ndarray of int64, shape (n,)
+        Merge-point index (into ``MergeSpec.points``) of each position along the
+        axis, ``-1`` where the position belongs to no point.
+    local_of : numpy.ndarray of int64, shape (n,)
+        Coordinate of that point held at each position (``-1`` where none).
+    block : tuple of (int, int, int) or None
+        ``(other_axis, start, stop)``: the role applies only to that slice of
+        another axis (grouped convolutions, fused q/k/v projections).
+    """
+
+    tensor: str
+    axis: int
+    role: str
+    point_of: np.ndarray
+    local_of: np.ndarray
+    block: tuple[int, int, int] | None = None
+    _index: dict[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise SpecError(f"{self.tensor} axis {self.axis}: unknown role {self.role!r}; expected one of {ROLES}")
+        self.point_of = np.asarray(self.point_of, dtype=np.int64)
+        self.local_of = np.asarray(self.local_of, dtype=np.int64)
+        if self.point_of.shape != self.local_of.shape or self.point_of.ndim != 1:
+            raise SpecError(f"{self.tensor} axis {self.axis}: point_of and local_of must be 1-d of equal length")
+
+    @property
+    def size(self) -> int:
+        """Length of the axis."""
+        return int(self.point_of.size)
+
+    def points(self) -> list[int]:
+        """Indices of the merge points this axis touches, sorted."""
+        return sorted(int(p) for p in np.unique(self.point_of) if p >= 0)
+
+    def index(self, point: int, dim: int) -> np.ndarray:
+        """Positions of ``point``'s coordinates along the axis, shape ``(R, dim)``.
+
+        Raises
+        ------
+        SpecError
+            If the coordinates do not occur an equal number of times.
+        """
+        if self._index is None:
+            self._index = {}
+        if point not in self._index:
+            pos = np.nonzero(self.point_of == point)[0]
+            idx = _replica_index(pos, self.local_of[pos], dim)
+            if idx is None:
+                raise SpecError(
+                    f"{self.tensor} axis {self.axis}: coordinates of merge point #{point} do not occur "
+                    f"equally often along the axis (dim {dim}); the spec is inconsistent"
+                )
+            self._index[point] = idx
+        return self._index[point]
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "tensor": self.tensor,
+            "axis": self.axis,
+            "role": self.role,
+            "size": self.size,
+            "runs": _encode_runs(self.point_of, self.local_of),
+        }
+        if self.block is not None:
+            d["block"] = list(self.block)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "AxisRole":
+        point_of, local_of = _decode_runs(d["runs"], int(d["size"]))
+        block = tuple(int(b) for b in d["block"]) if d.get("block") is not None else None
+        return cls(d["tensor"], int(d["axis"]), d["role"], point_of, local_of, block)  # type: ignore[arg-type]
+
+
+@dataclass(frozen=True)
+class FoldedNorm:
+    """A BatchNorm folded exactly into the producer (Linear/Conv) right before it.
+
+    Attributes
+    ----------
+    producer_weight : str
+        State-dict key of the producer's weight; its axis 0 is the output axis.
+    producer_bias : str or None
+        The producer's bias, if it has one.
+    weight, bias : str or None
+        The BatchNorm affine parameters (``None`` when ``affine=False``).
+    running_mean, running_var : str
+        The BatchNorm statistics.
+    eps : float
+        The BatchNorm epsilon.
+    """
+
+    producer_weight: str
+    producer_bias: str | None
+    weight: str | None
+    bias: str | None
+    running_mean: str
+    running_var: str
+    eps: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return dict(self.__dict__)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "FoldedNorm":
+        return cls(**d)
+
+
+@dataclass
+class MergeSpec:
+    """Everything the merge engine needs to know about one architecture.
+
+    Attributes
+    ----------
+    points : list of MergePoint
+        The merge points, in topological order of their main producer.
+    axes : list of AxisRole
+        Every parameter/buffer axis that indexes merge-point coordinates.
+    folds : list of FoldedNorm
+        BatchNorm layers folded into their producer.
+    unused : list of str
+        State-dict keys never reached by the traced graph (left untouched).
+    model_class : str
+        Qualified class name of the model the spec was discovered on.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> spec = autoalign.find_merge_points(net, torch.randn(3, 4))
+    >>> [(p.name, p.dim, p.kind) for p in spec.points]
+    [('0', 8, 'linear'), ('2', 2, 'frozen')]
+    """
+
+    points: list[MergePoint]
+    axes: list[AxisRole]
+    folds: list[FoldedNorm] = field(default_factory=list)
+    unused: list[str] = field(default_factory=list)
+    model_class: str = ""
+
+    def __post_init__(self) -> None:
+        names = [p.name for p in self.points]
+        if len(set(names)) != len(names):
+            dup = sorted({n for n in names if names.count(n) > 1})
+            raise SpecError(f"duplicate merge point names: {dup}")
+        self._by_name = {p.name: i for i, p in enumerate(self.points)}
+        for ax in self.axes:
+            bad = ax.point_of[(ax.point_of >= len(self.points))]
+            if bad.size:
+                raise SpecError(f"{ax.tensor} axis {ax.axis} refers to merge point #{int(bad[0])}, which does not exist")
+            for p in ax.points():
+                loc = ax.local_of[ax.point_of == p]
+                if loc.min() < 0 or loc.max() >= self.points[p].dim:
+                    raise SpecError(
+                        f"{ax.tensor} axis {ax.axis}: coordinate out of range for merge point {self.points[p].name!r}"
+                    )
+
+    # ------------------------------------------------------------------ lookup
+    def index_of(self, name: str) -> int:
+        """Index of the merge point called ``name``.
+
+        Raises
+        ------
+        KeyError
+            With the closest names when there is no such point.
+        """
+        try:
+            return self._by_name[name]
+        except KeyError:
+            import difflib
+
+            close = difflib.get_close_matches(name, list(self._by_name), n=3)
+            hint = f"; did you mean {', '.join(map(repr, close))}?" if close else ""
+            raise KeyError(f"no merge point named {name!r}{hint}") from None
+
+    def point(self, name: str) -> MergePoint:
+        """The merge point called ``name``."""
+        return self.points[self.index_of(name)]
+
+    def axes_of(self, point: int | str) -> list[AxisRole]:
+        """All parameter axes touching a merge point (by index or name)."""
+        i = self.index_of(point) if isinstance(point, str) else point
+        return [ax for ax in self.axes if np.any(ax.point_of == i)]
+
+    def tensors_of(self, point: int | str) -> list[str]:
+        """State-dict keys with at least one axis in the merge point."""
+        return sorted({ax.tensor for ax in self.axes_of(point)})
+
+    @property
+    def active_points(self) -> list[int]:
+        """Indices of the non-frozen merge points."""
+        return [i for i, p in enumerate(self.points) if p.kind != "frozen"]
+
+    # ---------------------------------------------------------------- coverage
+    def coverage(self) -> float:
+        """Share of feature dimensions that can be aligned.
+
+        ``sum(dim of non-frozen points) / sum(dim of points not on the model's
+        inputs/outputs)``; 1.0 for a model with no such point.
+        """
+        total = sum(p.dim for p in self.points if not p.io)
+        active = sum(p.dim for p in self.points if p.kind != "frozen")
+        return 1.0 if total == 0 else active / total
+
+    def kind_counts(self) -> dict[str, int]:
+        """Number of merge points of each kind."""
+        out = {k: 0 for k in reversed(KINDS)}
+        for p in self.points:
+            out[p.kind] += 1
+        return out
+
+    def table(self) -> str:
+        """A plain-text table: name, dim, kind, number of tensors touched, reason."""
+        rows = [("name", "dim", "kind", "tensors", "reason")]
+        for i, p in enumerate(self.points):
+            rows.append((p.name, str(p.dim), p.kind, str(len(self.tensors_of(i))), p.reason or ""))
+        widths = [max(len(r[c]) for r in rows) for c in range(4)]
+        lines = []
+        for r in rows:
+            lines.append("  ".join(r[c].ljust(widths[c]) if c != 1 else r[c].rjust(widths[c]) for c in range(4)) + "  " + r[4])
+        return "\n".join(line.rstrip() for line in lines)
+
+    # -------------------------------------------------------------------- json
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-serialisable dictionary (see :meth:`to_json`)."""
+        return {
+            "format": "autoalign.MergeSpec",
+            "version": SPEC_FORMAT_VERSION,
+            "model_class": self.model_class,
+            "points": [p.to_dict() for p in self.points],
+            "axes": [a.to_dict() for a in self.axes],
+            "folds": [f.to_dict() for f in self.folds],
+            "unused": list(self.unused),
+        }
+
+    def to_json(self, **json_kwargs: Any) -> str:
+        """Serialise the spec to a JSON string; :meth:`from_json` reads it back."""
+        return json.dumps(self.to_dict(), **json_kwargs)
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "MergeSpec":
+        """Build a spec from :meth:`to_dict` output.
+
+        Raises
+        ------
+        SpecError
+            If the dictionary is not a spec of a supported format version.
+        """
+        if d.get("format") != "autoalign.MergeSpec":
+            raise SpecError("not an autoalign merge spec (missing 'format': 'autoalign.MergeSpec')")
+        if d.get("version") != SPEC_FORMAT_VERSION:
+            raise SpecError(f"unsupported spec version {d.get('version')!r}; this autoalign reads {SPEC_FORMAT_VERSION}")
+        return cls(
+            points=[MergePoint.from_dict(p) for p in d["points"]],
+            axes=[AxisRole.from_dict(a) for a in d["axes"]],
+            folds=[FoldedNorm.from_dict(f) for f in d.get("folds", [])],
+            unused=list(d.get("unused", [])),
+            model_class=d.get("model_class", ""),
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "MergeSpec":
+        """Read a spec written by :meth:`to_json`."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SpecError(f"merge spec is not valid JSON: {exc}") from None
+        return cls.from_dict(data)

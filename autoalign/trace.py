@@ -1,0 +1,165 @@
+"""Tracing models into ``torch.fx`` graphs, with shapes propagated.
+
+The tracer follows torchvision's ``feature_extraction``: modules from ``torch.nn``
+(except containers) are leaves, the user can add leaves (``leaf_modules``) and
+functions that must stay opaque (``autowrap_functions``), and a failure names the
+module that could not be traced.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp
+
+from .errors import TraceError
+
+__all__ = ["trace", "as_input_tuple", "eval_mode"]
+
+
+def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
+    """Normalise example inputs to a tuple of positional arguments.
+
+    A single tensor becomes a 1-tuple; a list or tuple is taken as the positional
+    arguments.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, (list, tuple)):
+        return tuple(example_inputs)
+    raise TypeError(
+        f"example_inputs must be a tensor or a tuple of positional arguments, got {type(example_inputs).__name__}"
+    )
+
+
+@contextlib.contextmanager
+def eval_mode(*models: nn.Module) -> Iterator[None]:
+    """Put modules in eval mode for the duration of the block, then restore every
+    submodule's own ``training`` flag."""
+    saved = [[(m, m.training) for m in model.modules()] for model in models]
+    try:
+        for model in models:
+            model.eval()
+        yield
+    finally:
+        for flags in saved:
+            for m, flag in flags:
+                m.training = flag
+
+
+class _Tracer(fx.Tracer):
+    """fx tracer with user leaves and a record of the module being traced."""
+
+    def __init__(
+        self,
+        leaf_modules: Sequence[type[nn.Module] | str],
+        autowrap_functions: Sequence[Callable[..., Any]],
+    ) -> None:
+        super().__init__(autowrap_functions=tuple(autowrap_functions))
+        self._leaf_types = tuple(t for t in leaf_modules if isinstance(t, type))
+        self._leaf_names = {t for t in leaf_modules if isinstance(t, str)}
+        self._aa_stack: list[str] = []
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_types and isinstance(m, self._leaf_types):
+            return True
+        if module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+    def call_module(self, m: nn.Module, forward: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        name = self.path_of_module(m)
+        self._aa_stack.append(name)
+        result = super().call_module(m, forward, args, kwargs)
+        self._aa_stack.pop()
+        return result
+
+
+def trace(
+    model: nn.Module,
+    example_inputs: Any,
+    *,
+    leaf_modules: Sequence[type[nn.Module] | str] = (),
+    autowrap_functions: Sequence[Callable[..., Any]] = (),
+) -> fx.GraphModule:
+    """Trace ``model`` in eval mode into an ``fx.GraphModule`` with shapes propagated.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; it is not modified (its train/eval flags are restored).
+    example_inputs : Tensor or tuple
+        Positional inputs of one forward call, e.g. a ``(2, 3, 64, 64)`` image batch.
+    leaf_modules : sequence of module classes or qualified names, optional
+        Modules to keep opaque (not traced through), in addition to ``torch.nn``'s.
+    autowrap_functions : sequence of callables, optional
+        Functions to record as single graph nodes instead of tracing into them.
+
+    Returns
+    -------
+    torch.fx.GraphModule
+        Each node's ``meta["tensor_meta"]`` holds the shape and dtype of its output.
+
+    Raises
+    ------
+    TraceError
+        If symbolic tracing or shape propagation fails; the message names the
+        module being traced and the escape hatches.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
+    >>> gm = autoalign.trace(net, torch.randn(2, 4))
+    >>> [n.op for n in gm.graph.nodes]
+    ['placeholder', 'call_module', 'call_module', 'output']
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    tracer = _Tracer(leaf_modules, autowrap_functions)
+    cls = type(model).__name__
+    with eval_mode(model):
+        try:
+            graph = tracer.trace(model)
+        except Exception as exc:  # noqa: BLE001 - re-raised with context
+            where = tracer._aa_stack[-1] if tracer._aa_stack else "<root>"
+            sub = model.get_submodule(where) if where != "<root>" else model
+            raise TraceError(
+                f"could not trace {cls}: failed inside module {where!r} ({type(sub).__name__}): "
+                f"{type(exc).__name__}: {exc}. Mark that module a leaf (leaf_modules=[{type(sub).__name__}]) "
+                f"or keep the offending function opaque (autowrap_functions=[...])."
+            ) from exc
+        gm = fx.GraphModule(tracer.root, graph, cls)
+        try:
+            with torch.no_grad():
+                ShapeProp(gm).propagate(*inputs)
+        except Exception as exc:  # noqa: BLE001
+            node = _failing_node(gm, inputs)
+            raise TraceError(
+                f"could not run the traced {cls} on the example inputs at node {node}: "
+                f"{type(exc).__name__}: {exc}. Check the example inputs' shapes, or mark the module a leaf."
+            ) from exc
+    return gm
+
+
+def _failing_node(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> str:
+    """Re-run ``gm`` node by node to name the first node that raises."""
+    interp = fx.Interpreter(gm)
+    args = iter(inputs)
+    env: dict[fx.Node, Any] = {}
+    for node in gm.graph.nodes:
+        try:
+            if node.op == "placeholder":
+                env[node] = next(args, None)
+                continue
+            a = fx.node.map_arg(node.args, lambda n: env[n])
+            k = fx.node.map_arg(node.kwargs, lambda n: env[n])
+            env[node] = getattr(interp, node.op)(node.target, a, k)
+        except Exception:  # noqa: BLE001
+            return node.format_node() or node.name
+    return "<unknown>"
