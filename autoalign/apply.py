@@ -14,6 +14,7 @@ BatchNorm layers listed in ``spec.folds`` are first folded into their producer
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Mapping, MutableMapping, Sequence
 
 import torch
@@ -59,8 +60,18 @@ def fold_batchnorm(state_dict: Mapping[str, torch.Tensor], spec: MergeSpec) -> d
     return sd
 
 
+def _as_permutation(mat: torch.Tensor) -> torch.Tensor | None:
+    """``perm`` with ``mat == eye[perm]`` when ``mat`` is a permutation matrix, else None."""
+    if not bool(((mat == 0) | (mat == 1)).all()):
+        return None
+    if not (bool((mat.sum(0) == 1).all()) and bool((mat.sum(1) == 1).all())):
+        return None
+    return mat.argmax(1)
+
+
 def _apply_axis(t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, mat: torch.Tensor) -> None:
     """Apply one point's matrix along one axis of ``t`` (in place, ``t`` is float64)."""
+    perm = _as_permutation(mat)
     view = t
     if ax.block is not None:
         b_axis, start, stop = ax.block
@@ -70,11 +81,16 @@ def _apply_axis(t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, mat: torch.Ten
     if ax.role == "input":
         x = view.movedim(ax.axis, -1)
         g = x[..., flat].reshape(*x.shape[:-1], r, d)
-        x[..., flat] = (g @ mat).reshape(*x.shape[:-1], r * d)
+        if perm is not None:  # (g @ P)[..., j] = g[..., k] with P[k, j] = 1
+            new = g[..., mat.argmax(0)]
+        else:
+            new = g @ mat
+        x[..., flat] = new.reshape(*x.shape[:-1], r * d)
     else:
         x = view.movedim(ax.axis, 0)
         g = x[flat].reshape(r, d, -1)
-        x[flat] = torch.einsum("ij,rjk->rik", mat, g).reshape(r * d, *x.shape[1:])
+        new = g[:, perm] if perm is not None else torch.einsum("ij,rjk->rik", mat, g)
+        x[flat] = new.reshape(r * d, *x.shape[1:])
 
 
 def transform_state_dict(
@@ -147,7 +163,17 @@ def transform_state_dict(
             _apply_axis(work[ax.tensor], ax, idx, u if ax.role == "input" else m)
     for k, v in work.items():
         sd[k] = v.to(dtype=state_dict[k].dtype, device=state_dict[k].device)
-    return sd
+    return _with_metadata(sd, state_dict)
+
+
+def _with_metadata(sd: Mapping[str, torch.Tensor], like: Mapping[str, torch.Tensor]) -> "OrderedDict[str, torch.Tensor]":
+    """Keep ``like``'s key order and its ``_metadata`` (module versions that some
+    modules' ``_load_from_state_dict`` need, e.g. torchvision's MNASNet)."""
+    out: OrderedDict[str, torch.Tensor] = OrderedDict((k, sd[k]) for k in like if k in sd)
+    meta = getattr(like, "_metadata", None)
+    if meta is not None:
+        out._metadata = meta  # type: ignore[attr-defined]
+    return out
 
 
 def average_state_dicts(
@@ -175,4 +201,4 @@ def average_state_dicts(
             out[k] = acc.to(v0.dtype)
         else:
             out[k] = v0.clone()
-    return dict(out)
+    return _with_metadata(out, state_dicts[0])

@@ -44,6 +44,10 @@ def _sub_label(x: Any, state_labels: dict[fx.Node, Any], values: dict[fx.Node, A
             return torch.full(v.shape, UNTRACKED, dtype=torch.int64)
         if lab is None and isinstance(v, (list, tuple)):
             return type(v)(torch.full(t.shape, UNTRACKED, dtype=torch.int64) if isinstance(t, torch.Tensor) else t for t in v)
+        if isinstance(lab, torch.Tensor):
+            return lab.contiguous()
+        if isinstance(lab, (list, tuple)):
+            return type(lab)(t.contiguous() if isinstance(t, torch.Tensor) else t for t in lab)
         return lab if lab is not None else v
     if isinstance(x, (list, tuple)):
         return type(x)(_sub_label(y, state_labels, values) for y in x)

@@ -1,0 +1,84 @@
+"""Small example inputs for torchvision's classifiers (for ``inspect``, tests and docs).
+
+Every classifier in ``torchvision.models`` is built randomly initialised (no
+weights are downloaded) with the smallest input its architecture allows, so the
+whole zoo can be checked on a CPU.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["torchvision_classifiers", "torchvision_example", "model_family"]
+
+# image sizes where 64x64 does not work, and constructor options that allow smaller inputs
+_SIZE = {"inception_v3": 80, "maxvit_t": 224}
+_KWARGS: dict[str, dict[str, Any]] = {
+    "inception_v3": {"init_weights": True, "aux_logits": True},
+    "googlenet": {"init_weights": True, "aux_logits": True},
+    "vit_b_16": {"image_size": 32},
+    "vit_b_32": {"image_size": 32},
+    "vit_l_16": {"image_size": 32},
+    "vit_l_32": {"image_size": 32},
+    "vit_h_14": {"image_size": 28},
+}
+_VIT_SIZE = {"vit_b_16": 32, "vit_b_32": 32, "vit_l_16": 32, "vit_l_32": 32, "vit_h_14": 28}
+
+_FAMILIES = (
+    "alexnet", "convnext", "densenet", "efficientnet_v2", "efficientnet", "googlenet", "inception", "maxvit",
+    "mnasnet", "mobilenet_v2", "mobilenet_v3", "regnet", "resnext", "resnet", "shufflenet", "squeezenet", "swin",
+    "vgg", "vit", "wide_resnet",
+)
+
+
+def torchvision_classifiers() -> list[str]:
+    """Names of all classifiers in ``torchvision.models`` (80 with torchvision 0.29)."""
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def model_family(name: str) -> str:
+    """The architecture family of a torchvision model name (``"resnet50"`` → ``"resnet"``)."""
+    for fam in _FAMILIES:
+        if name.startswith(fam):
+            return fam
+    return name
+
+
+def torchvision_example(name: str, *, batch_size: int = 2, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
+    """A randomly initialised torchvision classifier and a small input batch for it.
+
+    Parameters
+    ----------
+    name : str
+        A name from :func:`torchvision_classifiers`, e.g. ``"resnet18"``.
+    batch_size : int, default 2
+        Batch size of the example input.
+    seed : int, default 0
+        Seed for the initialisation and the input.
+
+    Returns
+    -------
+    model : nn.Module
+        The model in eval mode.
+    inputs : Tensor, shape (batch_size, 3, S, S)
+        ``S`` is 64 where the architecture allows it.
+    """
+    import torchvision
+
+    if name not in torchvision_classifiers():
+        import difflib
+
+        close = difflib.get_close_matches(name, torchvision_classifiers(), n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(f"{name!r} is not a torchvision classifier{hint}")
+    torch.manual_seed(seed)
+    model = torchvision.models.get_model(name, weights=None, **_KWARGS.get(name, {}))
+    model.eval()
+    size = _VIT_SIZE.get(name, _SIZE.get(name, 64))
+    g = torch.Generator().manual_seed(seed)
+    return model, torch.randn(batch_size, 3, size, size, generator=g)
