@@ -5,16 +5,46 @@ features (CCA Merge and other aligners) and average them into one model of the
 same architecture.
 """
 
+from . import aligners
+from .aligners import (
+    AlignProblem,
+    Aligner,
+    Plan,
+    PointPlan,
+    PointwiseAligner,
+    get_aligner,
+    list_aligners,
+    register_aligner,
+)
 from .apply import average_state_dicts, fold_batchnorm, transform_state_dict
 from .errors import AutoalignError, MergeError, SpecError, TraceError, UnsupportedOpError
 from .graph import RuleContext, find_merge_points, register_channel_rule
 from .spec import AxisRole, FoldedNorm, MergePoint, MergeSpec, Site
 from .testing import CheckReport, check
+from .merge import MergeReport, MergeResult, merge, merge_with_report
+from .repair import reset_bn
+from .stats import Stats, collect_stats
 from .trace import trace
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AlignProblem",
+    "Aligner",
+    "MergeReport",
+    "MergeResult",
+    "Plan",
+    "PointPlan",
+    "PointwiseAligner",
+    "Stats",
+    "aligners",
+    "collect_stats",
+    "get_aligner",
+    "list_aligners",
+    "merge",
+    "merge_with_report",
+    "register_aligner",
+    "reset_bn",
     "AutoalignError",
     "AxisRole",
     "CheckReport",

@@ -20,15 +20,39 @@ from typing import Mapping, MutableMapping, Sequence
 import torch
 
 from .errors import SpecError
-from .spec import AxisRole, MergeSpec
+from .spec import AxisRole, FoldedNorm, MergeSpec
 
-__all__ = ["fold_batchnorm", "transform_state_dict", "average_state_dicts"]
+__all__ = ["fold_batchnorm", "folds_needed", "transform_state_dict", "average_state_dicts"]
 
 Transform = tuple[torch.Tensor, torch.Tensor]
 
 
-def fold_batchnorm(state_dict: Mapping[str, torch.Tensor], spec: MergeSpec) -> dict[str, torch.Tensor]:
-    """Fold every BatchNorm of ``spec.folds`` into its producer (a new state dict).
+def fold_points(spec: MergeSpec, fold: FoldedNorm) -> set[int]:
+    """Indices of the merge points holding the output rows of a fold's producer."""
+    out: set[int] = set()
+    for ax in spec.axes:
+        if ax.tensor == fold.producer_weight and ax.role == "output":
+            out.update(ax.points())
+    return out
+
+
+def folds_needed(spec: MergeSpec, transforms: Sequence[Mapping[str, Transform]]) -> list[FoldedNorm]:
+    """The BatchNorm folds a set of transforms needs: those whose merge point gets
+    a transform that is not a permutation in at least one model."""
+    dense: set[int] = set()
+    for tr in transforms:
+        for name, (m, _) in tr.items():
+            if _as_permutation(m.detach().cpu().double()) is None:
+                dense.add(spec.index_of(name))
+    return [f for f in spec.folds if fold_points(spec, f) & dense]
+
+
+def fold_batchnorm(
+    state_dict: Mapping[str, torch.Tensor], spec: MergeSpec, folds: Sequence[FoldedNorm] | None = None
+) -> dict[str, torch.Tensor]:
+    """Fold BatchNorm layers into their producers (a new state dict).
+
+    ``folds`` defaults to all of ``spec.folds``.
 
     The producer becomes ``W' = diag(s) W`` with ``s = gamma / sqrt(var + eps)``; the
     BatchNorm becomes an identity normalisation (weight 1, running mean 0, running
@@ -36,7 +60,7 @@ def fold_batchnorm(state_dict: Mapping[str, torch.Tensor], spec: MergeSpec) -> d
     own bias, if any, becomes 0. In eval mode the function is unchanged.
     """
     sd = dict(state_dict)
-    for f in spec.folds:
+    for f in spec.folds if folds is None else folds:
         try:
             w = sd[f.producer_weight].double()
             mean, var = sd[f.running_mean].double(), sd[f.running_var].double()
@@ -97,6 +121,8 @@ def transform_state_dict(
     state_dict: Mapping[str, torch.Tensor],
     spec: MergeSpec,
     transforms: Mapping[str, Transform],
+    *,
+    folds: Sequence[FoldedNorm] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Move one model's weights into merged coordinates.
 
@@ -110,6 +136,12 @@ def transform_state_dict(
         ``merge`` has shape ``(d, d)`` and maps the model's coordinates into the
         merged ones; ``unmerge`` has shape ``(d, d)`` and maps back (for a single
         model, ``unmerge = merge^{-1}``). Points not listed are left as they are.
+    folds : sequence of FoldedNorm, optional
+        BatchNorm layers to fold into their producers first (default: those whose
+        point gets a transform that is not a permutation). A BatchNorm that is not
+        folded has its vectors permuted like any per-channel tensor; when several
+        models are merged, pass the same ``folds`` for all of them (see
+        :func:`folds_needed`).
 
     Returns
     -------
@@ -142,10 +174,13 @@ def transform_state_dict(
             if tuple(t.shape) != (p.dim, p.dim):
                 raise SpecError(f"{what} matrix of merge point {name!r} has shape {tuple(t.shape)}, expected ({p.dim}, {p.dim})")
         mats[i] = (m.detach().to("cpu", torch.float64), u.detach().to("cpu", torch.float64))
-    sd = fold_batchnorm(state_dict, spec) if spec.folds else dict(state_dict)
+    if folds is None:
+        folds = folds_needed(spec, [transforms])
+    sd = fold_batchnorm(state_dict, spec, folds) if folds else dict(state_dict)
+    folded_keys = {k for f in folds for k in (f.weight, f.running_mean, f.running_var) if k}
     work: dict[str, torch.Tensor] = {}
     for ax in spec.axes:
-        if ax.role == "folded":
+        if ax.role == "folded" and ax.tensor in folded_keys:
             continue
         for p in ax.points():
             if p not in mats:

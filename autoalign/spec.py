@@ -89,18 +89,22 @@ class Site:
     index : numpy.ndarray of int64, shape (R, dim)
         ``index[r, j]`` is the position along ``axis`` of the ``r``-th replica of
         the point's coordinate ``j`` (``R > 1`` after ``flatten``).
+    kind : str
+        ``"input"`` for a tensor a consumer reads, ``"output"`` for a producer's
+        raw output (used only when a point has no input site).
     """
 
     node: str
     axis: int
     index: np.ndarray
+    kind: str = "input"
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "axis": self.axis, "index": self.index.tolist()}
+        return {"node": self.node, "axis": self.axis, "index": self.index.tolist(), "kind": self.kind}
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Site":
-        return cls(d["node"], int(d["axis"]), np.asarray(d["index"], dtype=np.int64))
+        return cls(d["node"], int(d["axis"]), np.asarray(d["index"], dtype=np.int64), d.get("kind", "input"))
 
 
 @dataclass(frozen=True)

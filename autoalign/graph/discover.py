@@ -258,8 +258,8 @@ def assemble(state: LabelState, model: nn.Module | None = None) -> MergeSpec:
     node_by_name = {n.name: n for n in state.gm.graph.nodes}
     sites: list[list[Site]] = [[] for _ in groups]
     site_seen: set[tuple[int, str]] = set()
-    candidates = [(n, a) for n, a, _, _ in state.sites] + list(state.output_sites)
-    for node_name, axis in candidates:
+    candidates = [(n, a, "input") for n, a, _, _ in state.sites] + [(n, a, "output") for n, a in state.output_sites]
+    for node_name, axis, site_kind in candidates:
         lab = state.labels.get(node_by_name[node_name])
         if not isinstance(lab, torch.Tensor):
             continue
@@ -271,7 +271,7 @@ def assemble(state: LabelState, model: nn.Module | None = None) -> MergeSpec:
             pos = np.nonzero(pt == p)[0]
             idx = _replica_index(pos, lo[pos], dims[p])
             if idx is not None:
-                sites[p].append(Site(node_name, axis, idx))
+                sites[p].append(Site(node_name, axis, idx, site_kind))
                 site_seen.add((p, node_name))
 
     points = []

@@ -1,0 +1,31 @@
+"""Aligners: one contract, registered by name.
+
+Built in: ``identity`` (plain averaging), ``permutation`` (activation matching)
+and ``cca`` (CCA Merge). Third-party aligners register through
+:func:`register_aligner` or the ``autoalign.aligners`` entry-point group.
+"""
+
+from .base import AlignProblem, Aligner, Plan, PointPlan, PointwiseAligner, identity_plan, permutation_matrix
+from .cca import CCAAligner, cca_transform
+from .identity import IdentityAligner
+from .permutation import PermutationAligner
+from .registry import describe_aligners, get_aligner, list_aligners, register_aligner, reload_plugins
+
+__all__ = [
+    "AlignProblem",
+    "Aligner",
+    "CCAAligner",
+    "IdentityAligner",
+    "PermutationAligner",
+    "Plan",
+    "PointPlan",
+    "PointwiseAligner",
+    "cca_transform",
+    "describe_aligners",
+    "get_aligner",
+    "identity_plan",
+    "list_aligners",
+    "permutation_matrix",
+    "register_aligner",
+    "reload_plugins",
+]

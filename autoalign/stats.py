@@ -1,0 +1,314 @@
+"""Streaming feature statistics: one pass over calibration data for all models.
+
+For every merge point with an observable site, and every model ``m``, the pass
+accumulates in float64 on the models' device
+
+* ``n`` — the number of samples (batch × spatial positions × replicas × sites),
+* ``s_m = Σ x_m`` — shape ``(d,)``,
+* ``Q_mm = Σ x_m x_mᵀ`` — shape ``(d, d)``,
+* ``Q_ij = Σ x_i x_jᵀ`` — only for the model pairs the aligner asks for.
+
+These sums are sufficient statistics: under ``torch.distributed`` each process
+feeds its shard and the sums are all-reduced, so every process solves the same
+plan. Memory is ``O(N d²)`` per point for all-to-one aligners.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+from torch import nn
+
+from .errors import MergeError
+from .spec import MergePoint, MergeSpec, Site
+from .trace import as_input_tuple, eval_mode, trace
+
+__all__ = ["PointStats", "Stats", "collect_stats", "default_input_fn", "pairs_for"]
+
+
+def default_input_fn(batch: Any) -> tuple[Any, ...]:
+    """Model inputs from a batch: a tensor, the first element of a tuple/list
+    ``(input, target)``, or the ``"input"``/``"image"``/``"x"`` entry of a dict."""
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch:
+        return (batch[0],)
+    if isinstance(batch, dict):
+        for k in ("input", "inputs", "image", "images", "x", "pixel_values"):
+            if k in batch:
+                return (batch[k],)
+        raise MergeError(f"cannot find the model input in a batch dict with keys {sorted(batch)}; pass input_fn=")
+    raise MergeError(f"cannot use a batch of type {type(batch).__name__} as model input; pass input_fn=")
+
+
+def pairs_for(needs: str, n_models: int, reference: int) -> list[tuple[int, int]]:
+    """Model pairs ``(i, j)`` whose cross-covariance an aligner needs.
+
+    ``needs`` is ``"reference"`` (each model with the reference), ``"all_pairs"``
+    or ``"none"``/``"self"`` (no cross terms).
+    """
+    if needs == "reference":
+        return [(reference, m) for m in range(n_models) if m != reference]
+    if needs == "all_pairs":
+        return [(i, j) for i in range(n_models) for j in range(i + 1, n_models)]
+    if needs in ("self", "none"):
+        return []
+    raise ValueError(f"unknown statistics need {needs!r}; expected 'reference', 'all_pairs', 'self' or 'none'")
+
+
+@dataclass
+class PointStats:
+    """Feature statistics of one merge point over all models.
+
+    Attributes
+    ----------
+    n : int
+        Number of samples.
+    sums : list of Tensor, each (d,)
+        ``Σ x_m`` per model.
+    squares : list of Tensor, each (d, d)
+        ``Σ x_m x_mᵀ`` per model.
+    cross : dict of (i, j) to Tensor (d, d)
+        ``Σ x_i x_jᵀ`` for the collected pairs ``i < j`` or ``i == reference``.
+    """
+
+    n: int
+    sums: list[torch.Tensor]
+    squares: list[torch.Tensor]
+    cross: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def dim(self) -> int:
+        return int(self.sums[0].numel())
+
+    def mean(self, m: int) -> torch.Tensor:
+        """Mean features of model ``m``, shape (d,)."""
+        return self.sums[m] / self.n
+
+    def cov(self, i: int, j: int | None = None) -> torch.Tensor:
+        """Covariance of model ``i``'s features with model ``j``'s (default ``i``), shape (d, d).
+
+        ``cov(i, j)[a, b] = E[(x_i,a − μ_i,a)(x_j,b − μ_j,b)]``.
+        """
+        if j is None or j == i:
+            q = self.squares[i]
+        elif (i, j) in self.cross:
+            q = self.cross[(i, j)]
+        elif (j, i) in self.cross:
+            q = self.cross[(j, i)].T
+        else:
+            raise KeyError(f"cross-covariance of models {i} and {j} was not collected")
+        return q / self.n - torch.outer(self.mean(i), self.mean(j if j is not None else i))
+
+    def std(self, m: int) -> torch.Tensor:
+        """Per-feature standard deviation of model ``m``, shape (d,)."""
+        return torch.sqrt(torch.clamp(torch.diagonal(self.cov(m)), min=0.0))
+
+    def corr(self, i: int, j: int, eps: float = 1e-12) -> torch.Tensor:
+        """Correlation matrix between model ``i``'s and model ``j``'s features, (d, d)."""
+        c = self.cov(i, j)
+        return c / (torch.outer(self.std(i), self.std(j)) + eps)
+
+
+@dataclass
+class Stats:
+    """Statistics of all merge points (by point name) and what was collected."""
+
+    points: dict[str, PointStats]
+    pairs: list[tuple[int, int]]
+    n_models: int
+    batches: int
+
+    def __getitem__(self, name: str) -> PointStats:
+        return self.points[name]
+
+    def get(self, name: str) -> PointStats | None:
+        return self.points.get(name)
+
+    def n_blocks(self) -> int:
+        """Number of (d, d) blocks held (``squares`` + ``cross``), summed over points."""
+        return sum(len(p.squares) + len(p.cross) for p in self.points.values())
+
+
+def _sites_for(point: MergePoint) -> list[Site]:
+    inputs = [s for s in point.sites if s.kind == "input"]
+    return inputs or list(point.sites)
+
+
+def feature_module(
+    model: nn.Module, example_inputs: Any, node_names: Sequence[str], **trace_options: Any
+) -> fx.GraphModule:
+    """A traced copy of ``model`` that returns the outputs of the named nodes (a tuple)."""
+    gm = trace(model, example_inputs, **trace_options)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [n for n in node_names if n not in nodes]
+    if missing:
+        raise MergeError(f"nodes {missing[:3]} of the merge spec are not in the traced model; was the spec made for this architecture?")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (tuple(nodes[n] for n in node_names),)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _features(value: torch.Tensor, site: Site) -> torch.Tensor:
+    """Samples of a site's features, shape (samples, d), float64."""
+    x = value.movedim(site.axis, -1)
+    idx = torch.as_tensor(site.index, device=x.device)
+    r, d = idx.shape
+    return x[..., idx.reshape(-1)].reshape(-1, d).to(torch.float64)
+
+
+def collect_stats(
+    models: Sequence[nn.Module],
+    data: Iterable[Any],
+    spec: MergeSpec,
+    *,
+    needs: str = "reference",
+    reference: int = 0,
+    points: Sequence[str] | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    example_inputs: Any = None,
+    trace_options: dict[str, Any] | None = None,
+) -> Stats:
+    """One streaming pass over ``data`` accumulating feature statistics for all models.
+
+    Parameters
+    ----------
+    models : sequence of nn.Module
+        Models of one architecture (not modified; train/eval flags restored).
+    data : iterable of batches
+        Tensors, ``(input, target)`` tuples/lists or dicts (see ``input_fn``).
+    spec : MergeSpec
+        The architecture's merge spec (gives the sites of each point).
+    needs : {"reference", "all_pairs", "self", "none"}
+        Which cross-covariances to accumulate (see :func:`pairs_for`).
+    reference : int
+        The reference model for ``needs="reference"``.
+    points : sequence of str, optional
+        Restrict to these merge points (default: every non-frozen point with a site).
+    input_fn : callable, optional
+        ``input_fn(batch)`` returns the model input (a tensor or a tuple of
+        positional arguments). Default: :func:`default_input_fn`.
+    num_batches : int, optional
+        Stop after this many batches.
+    device : torch.device or str, optional
+        Where to run the models (default: where their parameters are).
+    progress : bool
+        Show a tqdm progress bar.
+
+    Returns
+    -------
+    Stats
+
+    Raises
+    ------
+    MergeError
+        If ``data`` yields no batch, or a batch cannot be fed to the models, or
+        features are NaN/Inf (the message names the merge point).
+    """
+    if needs == "none":
+        return Stats({}, [], len(models), 0)
+    n_models = len(models)
+    pairs = pairs_for(needs, n_models, reference)
+    wanted = [p for p in spec.points if p.kind != "frozen" and p.sites and (points is None or p.name in points)]
+    site_lists = {p.name: _sites_for(p) for p in wanted}
+    node_names = sorted({s.node for sites in site_lists.values() for s in sites})
+    fn = input_fn or default_input_fn
+
+    sums: dict[str, list[torch.Tensor]] = {}
+    squares: dict[str, list[torch.Tensor]] = {}
+    cross: dict[str, dict[tuple[int, int], torch.Tensor]] = {}
+    count: dict[str, int] = {}
+    batches = 0
+    feats_mods: list[fx.GraphModule] = []
+
+    it: Iterable[Any] = data
+    if progress:
+        from tqdm.auto import tqdm
+
+        total = num_batches
+        try:
+            total = min(len(data), num_batches) if num_batches else len(data)  # type: ignore[arg-type]
+        except TypeError:
+            pass
+        it = tqdm(data, total=total, desc="statistics", unit="batch", leave=False)
+
+    with torch.no_grad(), eval_mode(*models):
+        for batch in it:
+            if num_batches is not None and batches >= num_batches:
+                break
+            inputs = as_input_tuple(fn(batch))
+            dev = torch.device(device) if device is not None else _device_of(models[0])
+            inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs)
+            if not feats_mods:
+                ex = example_inputs if example_inputs is not None else inputs
+                feats_mods = [feature_module(m, ex, node_names, **(trace_options or {})) for m in models]
+            outs = []
+            for m, fm in enumerate(feats_mods):
+                try:
+                    vals = fm(*inputs)
+                except Exception as exc:  # noqa: BLE001
+                    raise MergeError(f"model {m} cannot consume a calibration batch: {type(exc).__name__}: {exc}") from exc
+                outs.append(dict(zip(node_names, vals)))
+            for p in wanted:
+                sites = site_lists[p.name]
+                xs = [torch.cat([_features(outs[m][s.node], s) for s in sites]) for m in range(n_models)]
+                for m, x in enumerate(xs):
+                    if not bool(torch.isfinite(x).all()):
+                        raise MergeError(f"model {m} has NaN/Inf features at merge point {p.name!r}")
+                if p.name not in sums:
+                    d = p.dim
+                    z = dict(dtype=torch.float64, device=xs[0].device)
+                    sums[p.name] = [torch.zeros(d, **z) for _ in range(n_models)]
+                    squares[p.name] = [torch.zeros(d, d, **z) for _ in range(n_models)]
+                    cross[p.name] = {pair: torch.zeros(d, d, **z) for pair in pairs}
+                    count[p.name] = 0
+                for m, x in enumerate(xs):
+                    sums[p.name][m] += x.sum(0)
+                    squares[p.name][m] += x.T @ x
+                for (i, j), acc in cross[p.name].items():
+                    acc += xs[i].T @ xs[j]
+                count[p.name] += xs[0].shape[0]
+            batches += 1
+    if batches == 0:
+        raise MergeError("the calibration data yielded no batch")
+    _all_reduce(sums, squares, cross, count)
+    out = {}
+    for name in sums:
+        n = count[name]
+        if n < spec.point(name).dim:
+            warnings.warn(
+                f"merge point {name!r}: {n} samples for {spec.point(name).dim} features; statistics are rank-deficient "
+                f"(use more calibration data)",
+                stacklevel=2,
+            )
+        out[name] = PointStats(n, sums[name], squares[name], cross[name])
+    return Stats(out, pairs, n_models, batches)
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def _all_reduce(sums: dict, squares: dict, cross: dict, count: dict) -> None:
+    """Sum the statistics over processes when ``torch.distributed`` is initialised."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    for name in sorted(sums):
+        for t in sums[name] + squares[name] + [cross[name][k] for k in sorted(cross[name])]:
+            dist.all_reduce(t)
+        c = torch.tensor([count[name]], dtype=torch.float64, device=sums[name][0].device)
+        dist.all_reduce(c)
+        count[name] = int(c.item())
