@@ -94,27 +94,33 @@ def _as_permutation(mat: torch.Tensor) -> torch.Tensor | None:
 
 
 def _apply_axis(t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, mat: torch.Tensor) -> None:
-    """Apply one point's matrix along one axis of ``t`` (in place, ``t`` is float64)."""
-    perm = _as_permutation(mat)
+    """Apply one point's dense matrix along one axis of ``t`` (in place)."""
     view = t
     if ax.block is not None:
         b_axis, start, stop = ax.block
         view = t.narrow(b_axis, start, stop - start)
     r, d = idx.shape
     flat = idx.reshape(-1)
+    mat = mat.to(t.dtype)
     if ax.role == "input":
         x = view.movedim(ax.axis, -1)
         g = x[..., flat].reshape(*x.shape[:-1], r, d)
-        if perm is not None:  # (g @ P)[..., j] = g[..., k] with P[k, j] = 1
-            new = g[..., mat.argmax(0)]
-        else:
-            new = g @ mat
-        x[..., flat] = new.reshape(*x.shape[:-1], r * d)
+        x[..., flat] = (g @ mat).reshape(*x.shape[:-1], r * d)
     else:
         x = view.movedim(ax.axis, 0)
         g = x[flat].reshape(r, d, -1)
-        new = g[:, perm] if perm is not None else torch.einsum("ij,rjk->rik", mat, g)
-        x[flat] = new.reshape(r * d, *x.shape[1:])
+        x[flat] = torch.einsum("ij,rjk->rik", mat, g).reshape(r * d, *x.shape[1:])
+
+
+def _gather_index(ax: AxisRole, idx: torch.Tensor, src: torch.Tensor, current: torch.Tensor | None) -> torch.Tensor:
+    """Compose a permutation of one point into a full index along the axis.
+
+    ``src[j]`` is the point coordinate whose values move to coordinate ``j``.
+    """
+    full = torch.arange(ax.size) if current is None else current
+    new = full.clone()
+    new[idx.reshape(-1)] = full[idx[:, src].reshape(-1)]
+    return new
 
 
 def transform_state_dict(
@@ -165,6 +171,7 @@ def transform_state_dict(
     True
     """
     mats: dict[int, Transform] = {}
+    perms: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, (m, u) in transforms.items():
         i = spec.index_of(name)
         p = spec.points[i]
@@ -174,11 +181,18 @@ def transform_state_dict(
             if tuple(t.shape) != (p.dim, p.dim):
                 raise SpecError(f"{what} matrix of merge point {name!r} has shape {tuple(t.shape)}, expected ({p.dim}, {p.dim})")
         mats[i] = (m.detach().to("cpu", torch.float64), u.detach().to("cpu", torch.float64))
+        pm, pu = _as_permutation(mats[i][0]), _as_permutation(mats[i][1])
+        if pm is not None and pu is not None:
+            # (P x)_i = x[pm[i]]; (g U)[..., j] = g[..., k] with U[k, j] = 1
+            perms[i] = (pm, mats[i][1].argmax(0))
     if folds is None:
         folds = folds_needed(spec, [transforms])
     sd = fold_batchnorm(state_dict, spec, folds) if folds else dict(state_dict)
     folded_keys = {k for f in folds for k in (f.weight, f.running_mean, f.running_var) if k}
     work: dict[str, torch.Tensor] = {}
+    # permutations are gathered with one index per (tensor, axis, block); dense
+    # transforms are applied in float64
+    gathers: dict[tuple[str, int, tuple[int, int, int] | None], torch.Tensor] = {}
     for ax in spec.axes:
         if ax.role == "folded" and ax.tensor in folded_keys:
             continue
@@ -187,17 +201,33 @@ def transform_state_dict(
                 continue
             if ax.tensor not in sd:
                 raise SpecError(f"the spec names {ax.tensor!r}, which is not in the state dict")
-            if ax.tensor not in work:
-                work[ax.tensor] = sd[ax.tensor].detach().to("cpu", torch.float64).clone()
-            if work[ax.tensor].shape[ax.axis] != ax.size:
+            if sd[ax.tensor].shape[ax.axis] != ax.size:
                 raise SpecError(
-                    f"{ax.tensor} axis {ax.axis} has size {work[ax.tensor].shape[ax.axis]} but the spec expects {ax.size}"
+                    f"{ax.tensor} axis {ax.axis} has size {sd[ax.tensor].shape[ax.axis]} but the spec expects {ax.size}"
                 )
             idx = torch.as_tensor(ax.index(p, spec.points[p].dim))
+            if p in perms:
+                src = perms[p][1] if ax.role == "input" else perms[p][0]
+                key = (ax.tensor, ax.axis, ax.block)
+                gathers[key] = _gather_index(ax, idx, src, gathers.get(key))
+                continue
+            if ax.tensor not in work:
+                work[ax.tensor] = sd[ax.tensor].detach().to("cpu", torch.float64).clone()
             m, u = mats[p]
             _apply_axis(work[ax.tensor], ax, idx, u if ax.role == "input" else m)
     for k, v in work.items():
         sd[k] = v.to(dtype=state_dict[k].dtype, device=state_dict[k].device)
+    for (k, axis, block), index in gathers.items():
+        t = sd[k]
+        index = index.to(t.device)
+        if block is None:
+            sd[k] = t.index_select(axis, index)
+        else:
+            b_axis, start, stop = block
+            t = t.clone()
+            part = t.narrow(b_axis, start, stop - start)
+            part.copy_(part.index_select(axis, index))
+            sd[k] = t
     return _with_metadata(sd, state_dict)
 
 

@@ -19,7 +19,7 @@ from .graph.discover import find_merge_points
 from .spec import MergeSpec
 from .trace import as_input_tuple, eval_mode
 
-__all__ = ["CheckReport", "check", "permute_model", "random_permutations"]
+__all__ = ["CheckReport", "check", "check_aligner", "permute_model", "random_permutations", "max_output_diff"]
 
 
 @dataclass
@@ -172,3 +172,100 @@ def check(
         permuted=len(spec.active_points),
         spec=spec,
     )
+
+
+# ----------------------------------------------------------------------------- aligner conformance
+
+
+class _ConvNet(nn.Module):
+    """A small residual conv net with BatchNorm, concatenation and a flatten head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+        self.a = nn.Conv2d(8, 8, 3, padding=1)
+        self.b = nn.Conv2d(8, 4, 1)
+        self.c = nn.Conv2d(8, 4, 1)
+        self.head = nn.Linear(8 * 4 * 4, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn(self.stem(x)))
+        x = torch.relu(x + self.a(x))
+        x = torch.cat([torch.relu(self.b(x)), torch.relu(self.c(x))], 1)
+        x = torch.nn.functional.adaptive_avg_pool2d(x, 4)
+        return self.head(torch.flatten(x, 1))
+
+
+def _conformance_models(seed: int) -> list[tuple[str, nn.Module, list[torch.Tensor]]]:
+    g = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    mlp = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
+    conv = _ConvNet()
+    from .zoo import break_symmetry
+
+    break_symmetry(conv, seed=seed)
+    return [
+        ("mlp", mlp, [torch.randn(64, 6, generator=g) for _ in range(3)]),
+        ("convnet", conv, [torch.randn(16, 3, 8, 8, generator=g) for _ in range(3)]),
+    ]
+
+
+def _state_bytes(model: nn.Module) -> dict[str, bytes]:
+    return {k: v.detach().cpu().contiguous().numpy().tobytes() for k, v in model.state_dict().items()}
+
+
+def check_aligner(aligner: Any, *, n_models: int = 3, seed: int = 0, rtol: float = 1e-4, **options: Any) -> None:
+    """Run the aligner conformance suite; raise ``AssertionError`` listing every failure.
+
+    For a small MLP and a small residual conv net with BatchNorm and concatenation:
+
+    * ``merge([A] * n)`` computes ``A``'s function (eval mode, no repair);
+    * no input model is modified (state bytes and train/eval flags);
+    * the result has ``A``'s class and state-dict keys, and finite parameters.
+
+    Parameters
+    ----------
+    aligner : str, Aligner or Aligner class
+        What to check (a registered name, an instance or a class).
+    n_models : int, default 3
+    seed : int, default 0
+    rtol : float, default 1e-4
+        Tolerance relative to ``max(1, max |output|)``.
+    **options
+        Options for the aligner.
+
+    Examples
+    --------
+    >>> import autoalign.testing
+    >>> autoalign.testing.check_aligner("cca")
+    """
+    from .merge import merge
+
+    failures: list[str] = []
+    for label, model, data in _conformance_models(seed):
+        model.train()
+        models = [model] * n_models
+        before = _state_bytes(model)
+        try:
+            merged = merge(models, data, aligner=aligner, repair=None, **options)
+        except Exception as exc:  # noqa: BLE001
+            failures.append(f"{label}: merge raised {type(exc).__name__}: {exc}")
+            continue
+        if _state_bytes(model) != before:
+            failures.append(f"{label}: an input model was modified")
+        if not model.training:
+            failures.append(f"{label}: the input model's train/eval mode was not restored")
+        if type(merged) is not type(model):
+            failures.append(f"{label}: merged model is a {type(merged).__name__}, not a {type(model).__name__}")
+        if list(merged.state_dict()) != list(model.state_dict()):
+            failures.append(f"{label}: merged state-dict keys differ from the input's")
+        bad = [k for k, v in merged.state_dict().items() if torch.is_floating_point(v) and not bool(torch.isfinite(v).all())]
+        if bad:
+            failures.append(f"{label}: non-finite merged tensors {bad[:3]}")
+        with torch.no_grad(), eval_mode(model, merged):
+            diff, scale = max_output_diff(model(data[0]), merged(data[0]))
+        if not diff <= rtol * max(1.0, scale):
+            failures.append(f"{label}: merge([A] * {n_models}) differs from A by {diff:.3g} (scale {scale:.3g})")
+    if failures:
+        raise AssertionError(f"aligner {aligner!r} failed conformance:\n  " + "\n  ".join(failures))

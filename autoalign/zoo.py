@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["torchvision_classifiers", "torchvision_example", "model_family"]
+__all__ = ["torchvision_classifiers", "torchvision_example", "model_family", "break_symmetry"]
 
 # image sizes where 64x64 does not work, and constructor options that allow smaller inputs
 _SIZE = {"inception_v3": 80, "maxvit_t": 224}
@@ -49,6 +49,28 @@ def model_family(name: str) -> str:
     return name
 
 
+def break_symmetry(model: nn.Module, *, seed: int = 0) -> nn.Module:
+    """Perturb every parameter/buffer whose entries are all equal (in place).
+
+    Fresh models initialise BatchNorm/LayerNorm affines and statistics, biases and
+    layer scales to constants, which are invariant under any permutation: a
+    self-check on such a model could not notice a missing role. Constant tensors
+    are multiplied by ``U(0.5, 1.5)`` noise (zeros get ``N(0, 0.02)``).
+    """
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for t in list(model.parameters()) + list(model.buffers()):
+            if not torch.is_floating_point(t) or t.numel() < 2:
+                continue
+            flat = t.reshape(-1)
+            if bool((flat == flat[0]).all()):
+                if float(flat[0]) == 0.0:
+                    t.copy_(0.02 * torch.randn(t.shape, generator=g))
+                else:
+                    t.mul_(0.5 + torch.rand(t.shape, generator=g))
+    return model
+
+
 def torchvision_example(name: str, *, batch_size: int = 2, seed: int = 0) -> tuple[nn.Module, torch.Tensor]:
     """A randomly initialised torchvision classifier and a small input batch for it.
 
@@ -64,7 +86,9 @@ def torchvision_example(name: str, *, batch_size: int = 2, seed: int = 0) -> tup
     Returns
     -------
     model : nn.Module
-        The model in eval mode.
+        The model in eval mode, with constant-initialised tensors perturbed
+        (:func:`break_symmetry`) so that a self-check can see every role, and
+        BatchNorm statistics calibrated on random images.
     inputs : Tensor, shape (batch_size, 3, S, S)
         ``S`` is 64 where the architecture allows it.
     """
@@ -79,6 +103,12 @@ def torchvision_example(name: str, *, batch_size: int = 2, seed: int = 0) -> tup
     torch.manual_seed(seed)
     model = torchvision.models.get_model(name, weights=None, **_KWARGS.get(name, {}))
     model.eval()
+    break_symmetry(model, seed=seed)
     size = _VIT_SIZE.get(name, _SIZE.get(name, 64))
     g = torch.Generator().manual_seed(seed)
+    # calibrate BatchNorm statistics on random images, as training would: without it
+    # activations drift to huge or vanishing scales and many ReLU units are dead
+    from .repair import reset_bn
+
+    reset_bn(model, [torch.randn(8, 3, size, size, generator=g) for _ in range(2)])
     return model, torch.randn(batch_size, 3, size, size, generator=g)
