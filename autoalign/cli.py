@@ -246,10 +246,15 @@ def load_checkpoint(path: str, *, trust: bool = False) -> tuple[dict[str, Any], 
     except pickle.UnpicklingError as exc:
         if trust:
             raise CLIError(f"cannot read checkpoint {path!r}: {exc}") from None
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        import re
+
+        text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
+        detail = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.strip().startswith("WeightsUnpickler error:")), "")
+        detail = detail.split(" was not an allowed global")[0]
         raise CLIError(
-            f"checkpoint {path!r} holds objects other than tensors and plain data ({first}); "
-            "if you trust the file, pass --trust-checkpoints to load it with full pickle"
+            f"checkpoint {path!r} holds objects other than tensors and plain data"
+            + (f" ({detail.rstrip('.')})" if detail else "")
+            + "; if you trust the file, pass --trust-checkpoints to load it with full pickle"
         ) from None
     except (RuntimeError, EOFError, OSError) as exc:
         raise CLIError(f"cannot read checkpoint {path!r}: {exc}") from None
@@ -313,7 +318,14 @@ def make_data(
     kind, _, arg = spec.partition(":")
     kind = kind.strip().lower()
     if kind in ("digits", "mnist", "fashion-mnist", "fashion_mnist", "cifar10", "cifar-10"):
-        x, y = datasets.load_dataset(kind, data_root=arg or None, split=split)  # type: ignore[arg-type]
+        try:
+            x, y = datasets.load_dataset(kind, data_root=arg or None, split=split)  # type: ignore[arg-type]
+        except FileNotFoundError as exc:
+            if arg:
+                raise
+            raise FileNotFoundError(
+                f"--data {spec}: no data root; give it as --data {kind}:ROOT or set {datasets.DATA_ENV_VAR}"
+            ) from None
         if mean is not None and std is not None:
             x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
             return datasets.make_loader(x, y, batch_size=batch_size, shuffle=False, normalize=False)
@@ -387,7 +399,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     active = sum(p.dim for p in spec.points if p.kind != "frozen")
     counts = spec.kind_counts()
     print(f"model: {type(model).__name__}, input {tuple(x.shape)}; {len(spec.points)} merge points, "
-          f"{len(spec.folds)} BatchNorms folded, {len(spec.unused)} unused tensors; discovered in {t_discover:.2f} s")
+          f"{len(spec.folds)} BatchNorm(s) folded, {len(spec.unused)} unused tensors; discovered in {t_discover:.2f} s")
     print(f"coverage: {spec.coverage():.3f} ({active} of {total} hidden feature dims can be aligned)")
     print("kinds: " + ", ".join(f"{counts.get(k, 0)} {k}" for k in reversed(KINDS)))
     status = 0
@@ -698,13 +710,20 @@ def main(argv: list[str] | None = None) -> int:
         0 on success, 1 when ``inspect``'s self-check fails, 2 for usage errors
         (``autoalign: error: ...`` on stderr, no traceback).
     """
+    import warnings
+
     from .errors import AutoalignError
+
+    def _show(message: Any, category: type[Warning], filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        print(f"{PROG}: warning: {message}", file=sys.stderr)
 
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:  # --help, --version and argparse's own errors (status 2)
         return int(exc.code) if isinstance(exc.code, int) else (0 if exc.code is None else 2)
+    previous = warnings.showwarning
+    warnings.showwarning = _show  # one line per warning, without source lines
     try:
         return int(args.func(args))
     except (CLIError, AutoalignError, ValueError, FileNotFoundError) as exc:
@@ -712,3 +731,5 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130
+    finally:
+        warnings.showwarning = previous

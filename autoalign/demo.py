@@ -311,6 +311,7 @@ def run_demo(
     device: str | torch.device | None = None,
     calib_batches: int | None = -1,
     aligners: Sequence[str] | None = None,
+    threads: int | None = None,
     print_fn: Callable[[str], None] = print,
 ) -> DemoResult:
     """Train ``n_models`` small networks from different seeds and merge them with every aligner.
@@ -345,6 +346,10 @@ def run_demo(
         all training data; ``-1`` the data set's default.
     aligners : sequence of str, optional
         Aligners to run (default: every registered one, :func:`autoalign.list_aligners`).
+    threads : int, optional
+        CPU threads for torch during the run (restored afterwards). Default: 1
+        for the MLPs on a CPU (their matrices are tiny: several threads only add
+        synchronisation, up to 20x slower on a busy machine), else unchanged.
     print_fn : callable, default print
         Where the progress lines and the final table go.
 
@@ -361,6 +366,38 @@ def run_demo(
     >>> sorted({r.method for r in result.merge_rows()})  # doctest: +SKIP
     ['cca', 'identity', 'permutation']
     """
+    archs_ = tuple(DEMO_DEFAULTS.get(str(dataset).lower(), DEMO_DEFAULTS["digits"])["archs"] if archs is None else archs)
+    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if threads is None and dev.type == "cpu" and all(a.startswith("mlp") for a in archs_):
+        threads = 1
+    old_threads = torch.get_num_threads()
+    if threads is not None:
+        torch.set_num_threads(int(threads))
+    try:
+        return _run_demo(
+            dataset, data_root=data_root, n_models=n_models, epochs=epochs, hidden=hidden, archs=archs, seed=seed,
+            out_dir=out_dir, progress=progress, dev=dev, calib_batches=calib_batches, aligners=aligners, print_fn=print_fn,
+        )
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _run_demo(
+    dataset: str,
+    *,
+    data_root: str | os.PathLike[str] | None,
+    n_models: int,
+    epochs: int | None,
+    hidden: Sequence[int] | None,
+    archs: Sequence[str] | None,
+    seed: int,
+    out_dir: str | os.PathLike[str],
+    progress: bool,
+    dev: torch.device,
+    calib_batches: int | None,
+    aligners: Sequence[str] | None,
+    print_fn: Callable[[str], None],
+) -> DemoResult:
     from . import list_aligners, merge_with_report
     from .datasets import DATASET_INFO, _canonical_name, load_dataset, make_loader
 
@@ -378,7 +415,6 @@ def run_demo(
         hidden = (256, 256)
     calib = defaults["calib_batches"] if calib_batches == -1 else calib_batches
     names = list(list_aligners() if aligners is None else aligners)
-    dev = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     info = DATASET_INFO[key]
     bs = int(defaults["batch_size"])
     out = pathlib.Path(out_dir)
@@ -395,7 +431,7 @@ def run_demo(
     n_calib = len(x_tr) if calib is None else min(len(x_tr), calib * bs)
     say(
         f"autoalign demo: {key} ({len(x_tr)} train / {len(x_te)} test images), {n_models} models x {', '.join(archs)}, "
-        f"hidden {hidden}, {epochs} epochs, device {dev}; aligners: {', '.join(names)}"
+        f"hidden {hidden}, {epochs} epochs, device {dev}, {torch.get_num_threads()} torch thread(s); aligners: {', '.join(names)}"
     )
 
     rows: list[DemoRow] = []

@@ -91,20 +91,33 @@ class Site:
         the point's coordinate ``j`` (``R > 1`` after ``flatten``).
     kind : str
         ``"input"`` for a tensor a consumer reads, ``"output"`` for a producer's
-        raw output (used only when a point has no input site).
+        raw output (used only when a point has no input site), ``"projected"``
+        for ``F.linear(x, weight, bias)`` of the node's output ``x`` (projections
+        inside attention modules, which no graph node shows).
+    weight, bias : str or None
+        State-dict keys of the projection of a ``"projected"`` site; ``index``
+        then indexes the projection's output features.
     """
 
     node: str
     axis: int
     index: np.ndarray
     kind: str = "input"
+    weight: str | None = None
+    bias: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
-        return {"node": self.node, "axis": self.axis, "index": self.index.tolist(), "kind": self.kind}
+        d = {"node": self.node, "axis": self.axis, "index": self.index.tolist(), "kind": self.kind}
+        if self.weight is not None:
+            d["weight"], d["bias"] = self.weight, self.bias
+        return d
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "Site":
-        return cls(d["node"], int(d["axis"]), np.asarray(d["index"], dtype=np.int64), d.get("kind", "input"))
+        return cls(
+            d["node"], int(d["axis"]), np.asarray(d["index"], dtype=np.int64), d.get("kind", "input"),
+            d.get("weight"), d.get("bias"),
+        )
 
 
 @dataclass(frozen=True)

@@ -108,10 +108,20 @@ class PointStats:
         """Per-feature standard deviation of model ``m``, shape (d,)."""
         return torch.sqrt(torch.clamp(torch.diagonal(self.cov(m)), min=0.0))
 
-    def corr(self, i: int, j: int, eps: float = 1e-12) -> torch.Tensor:
-        """Correlation matrix between model ``i``'s and model ``j``'s features, (d, d)."""
+    def corr(self, i: int, j: int, floor: float = 1e-6) -> torch.Tensor:
+        """Correlation matrix between model ``i``'s and model ``j``'s features, (d, d).
+
+        Variances are floored at ``floor`` times their mean (per model), so a
+        feature that barely varies (active on one sample, say) gets correlations
+        near 0 instead of spurious ±1; dead features get exactly 0.
+        """
         c = self.cov(i, j)
-        return c / (torch.outer(self.std(i), self.std(j)) + eps)
+        vi = torch.clamp(torch.diagonal(self.cov(i)), min=0.0)
+        vj = torch.clamp(torch.diagonal(self.cov(j)), min=0.0)
+        tiny = torch.finfo(torch.float64).tiny
+        si = torch.sqrt(vi + floor * vi.mean() + tiny)
+        sj = torch.sqrt(vj + floor * vj.mean() + tiny)
+        return c / torch.outer(si, sj)
 
 
 @dataclass
@@ -135,8 +145,11 @@ class Stats:
 
 
 def _sites_for(point: MergePoint) -> list[Site]:
-    inputs = [s for s in point.sites if s.kind == "input"]
-    return inputs or list(point.sites)
+    for kind in ("input", "output", "projected"):
+        found = [s for s in point.sites if s.kind == kind]
+        if found:
+            return found
+    return []
 
 
 def feature_module(
@@ -155,9 +168,12 @@ def feature_module(
     return gm
 
 
-def _features(value: torch.Tensor, site: Site) -> torch.Tensor:
+def _features(value: torch.Tensor, site: Site, params: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
     """Samples of a site's features, shape (samples, d), float64."""
     x = value.movedim(site.axis, -1)
+    if site.kind == "projected":
+        assert params is not None and site.weight is not None
+        x = torch.nn.functional.linear(x, params[site.weight], params[site.bias] if site.bias else None)
     idx = torch.as_tensor(site.index, device=x.device)
     r, d = idx.shape
     return x[..., idx.reshape(-1)].reshape(-1, d).to(torch.float64)
@@ -229,6 +245,7 @@ def collect_stats(
     count: dict[str, int] = {}
     batches = 0
     feats_mods: list[fx.GraphModule] = []
+    params: list[dict[str, torch.Tensor]] = []
 
     it: Iterable[Any] = data
     if progress:
@@ -251,6 +268,8 @@ def collect_stats(
             if not feats_mods:
                 ex = example_inputs if example_inputs is not None else inputs
                 feats_mods = [feature_module(m, ex, node_names, **(trace_options or {})) for m in models]
+            if not params:
+                params = [dict(m.state_dict()) for m in models]
             outs = []
             for m, fm in enumerate(feats_mods):
                 try:
@@ -260,7 +279,7 @@ def collect_stats(
                 outs.append(dict(zip(node_names, vals)))
             for p in wanted:
                 sites = site_lists[p.name]
-                xs = [torch.cat([_features(outs[m][s.node], s) for s in sites]) for m in range(n_models)]
+                xs = [torch.cat([_features(outs[m][s.node], s, params[m]) for s in sites]) for m in range(n_models)]
                 for m, x in enumerate(xs):
                     if not bool(torch.isfinite(x).all()):
                         raise MergeError(f"model {m} has NaN/Inf features at merge point {p.name!r}")

@@ -137,7 +137,11 @@ def test_permutation_merge_of_permuted_mlp_is_exact():
     ],
 )
 def test_permutation_recovers_permuted_torchvision_model(name):
-    a, x = torchvision_example(name, batch_size=4)
+    a, x = torchvision_example(name, batch_size=8)
+    if name == "vgg11_bn":
+        # the 4096-wide classifier needs more samples than 8 images give to tell its
+        # features apart; 32x32 inputs keep that cheap
+        x = torch.randn(256, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     spec = autoalign.find_merge_points(a, x[:2])
     b = permute_model(a, spec, seed=1)
     data = [x]

@@ -80,6 +80,7 @@ class LabelState:
     touched: set[str] = field(default_factory=set)
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
     output_sites: list[tuple[str, int]] = field(default_factory=list)
+    projected_sites: list[tuple[str, int, str, str | None, torch.Tensor]] = field(default_factory=list)
 
     # ------------------------------------------------------------------ ids
     def fresh(self, n: int, owner: str) -> torch.Tensor:
@@ -312,6 +313,15 @@ class RuleContext:
             lab = self.state.labels.get(a)
             if isinstance(lab, torch.Tensor):
                 self.state.sites.append((a.name, _axis(axis, lab.dim()), kind, lab))
+
+    def projected_site(self, a: Any, axis: int, weight: str, bias: str | None, labels: torch.Tensor) -> None:
+        """Record that ``F.linear(a, weight, bias)`` (features along ``axis`` of ``a``)
+        holds the coordinates ``labels`` — for projections inside a leaf module or
+        opaque function (attention q/k/v), where no graph node shows them."""
+        if isinstance(a, fx.Node):
+            lab = self.state.labels.get(a)
+            if isinstance(lab, torch.Tensor):
+                self.state.projected_sites.append((a.name, _axis(axis, lab.dim()), weight, bias, labels.reshape(-1)))
 
     def touch(self, key: str | None) -> None:
         """Mark a tensor as reached by the graph (it has no coordinate axes)."""

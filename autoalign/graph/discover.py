@@ -274,6 +274,16 @@ def assemble(state: LabelState, model: nn.Module | None = None) -> MergeSpec:
                 sites[p].append(Site(node_name, axis, idx, site_kind))
                 site_seen.add((p, node_name))
 
+    for node_name, axis, wkey, bkey, rows in state.projected_sites:
+        pt, lo = to_points(rows.numpy())
+        for p in np.unique(pt[pt >= 0]).tolist():
+            if not sites[p] or all(s.kind == "projected" for s in sites[p]):
+                pos = np.nonzero(pt == p)[0]
+                idx = _replica_index(pos, lo[pos], dims[p])
+                if idx is not None and (p, node_name + wkey) not in site_seen:
+                    sites[p].append(Site(node_name, axis, idx, "projected", wkey, bkey))
+                    site_seen.add((p, node_name + wkey))
+
     points = []
     for p, cs in enumerate(groups):
         producers = tuple(dict.fromkeys(owner(int(min_id[c])) for c in cs))

@@ -786,7 +786,7 @@ register_channel_rule(torch.einsum, _einsum)
 
 def _attention_block(
     ctx: RuleContext, in_vecs: Sequence[torch.Tensor | None], wkey: str | None, bkey: str | None, embed: int, heads: int,
-    out_wkey: str | None, out_bkey: str | None, prefix: str,
+    out_wkey: str | None, out_bkey: str | None, prefix: str, site_inputs: Sequence[Any] | None = None,
 ) -> torch.Tensor:
     """Record a fused q/k/v projection, head-aware, and the output projection.
 
@@ -803,6 +803,11 @@ def _attention_block(
         ctx.group(v[h * hd : (h + 1) * hd])
     ctx.restrict(qk, "orthogonal", f"{prefix}: attention query/key space (scores are q·k)")
     rows = torch.cat([qk, qk, v])
+    if wkey is not None and site_inputs is not None:
+        for part, a in enumerate(site_inputs):
+            part_rows = torch.full_like(rows, -1)
+            part_rows[part * embed : (part + 1) * embed] = rows[part * embed : (part + 1) * embed]
+            ctx.projected_site(a, -1, wkey, bkey, part_rows)
     ctx.role(wkey, 0, "output", rows)
     ctx.role(bkey, 0, "output", rows)
     ctx.role(out_wkey, 1, "input", v)
@@ -830,7 +835,7 @@ def mha_module(ctx: RuleContext) -> Any:
     out = _attention_block(
         ctx, vecs, ctx.module_key("in_proj_weight"), ctx.module_key("in_proj_bias"), m.embed_dim, m.num_heads,
         f"{ctx.node.target}.out_proj.weight", ctx.module_key("out_proj") and (f"{ctx.node.target}.out_proj.bias" if m.out_proj.bias is not None else None),
-        str(ctx.node.target),
+        str(ctx.node.target), site_inputs=(q, k, v),
     )
     res = ctx.out
     first = res[0] if isinstance(res, (tuple, list)) else res
@@ -936,7 +941,7 @@ def _swin_attention(ctx: RuleContext) -> Any:
     prefix = ctx.node.name
     # name the block after the module that owns the weights: "features.1.0.attn"
     owner = keys[0].rsplit(".", 2)[0] if keys[0].count(".") >= 2 else prefix
-    out = _attention_block(ctx, [vec, vec, vec], keys[0], keys[2], embed, heads, keys[1], keys[3], owner)
+    out = _attention_block(ctx, [vec, vec, vec], keys[0], keys[2], embed, heads, keys[1], keys[3], owner, site_inputs=(x, x, x))
     return ctx.along(out, ctx.out.shape, -1)
 
 

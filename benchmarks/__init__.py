@@ -1,0 +1,1 @@
+"""Benchmarks and experiment helpers for autoalign (model zoo, training scripts)."""
