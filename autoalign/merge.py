@@ -17,7 +17,7 @@ from .aligners.linalg import is_orthogonal, is_permutation, nearest_orthogonal, 
 from .apply import average_state_dicts, folds_needed, transform_state_dict
 from .errors import MergeError
 from .graph.discover import find_merge_points
-from .repair import has_batchnorm, reset_bn
+from .repair import batchnorm_output_stats, has_batchnorm, reset_bn, set_batchnorm_affine
 from .spec import MergeSpec, kind_rank
 from .stats import Stats, collect_stats, default_input_fn
 from .trace import as_input_tuple, eval_mode
@@ -276,7 +276,21 @@ def merge_with_report(
     if repair == "auto":
         repair = "reset_bn" if has_batchnorm(out) else None
     if repair == "reset_bn":
+        folded_bns = sorted({f.running_mean.rsplit(".", 1)[0] for f in folds})
+        targets = {}
+        if folded_bns:
+            # the folded BatchNorms lost their learned scale: target the aligned models' statistics
+            aligned = []
+            for m in range(n):
+                mm = copy.deepcopy(work[m])
+                mm.load_state_dict(moved[m])
+                aligned.append(mm)
+            targets = batchnorm_output_stats(
+                aligned, folded_bns, data, weights=w.tolist(), input_fn=fn, num_batches=num_batches, device=device
+            )
+            del aligned
         reset_bn(out, data, input_fn=fn, num_batches=num_batches, device=device, progress=progress)
+        set_batchnorm_affine(out, targets)
     report.repair = repair if repair != "none" else None
     timings["repair"] = time.perf_counter() - t0
     report.timings = timings

@@ -74,6 +74,7 @@ def _occurrence(lab: Any, state: LabelState) -> None:
 
 def analyse(gm: fx.GraphModule, example_inputs: Any, *, strict: bool = False) -> LabelState:
     """Run the label analysis over a traced graph (step 1 above)."""
+    rules.register_torchvision_rules()
     inputs = list(as_input_tuple(example_inputs))
     state = LabelState(gm, strict=strict)
     for k, v in gm.state_dict(keep_vars=True).items():

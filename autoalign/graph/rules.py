@@ -906,7 +906,18 @@ register_channel_rule((F.interpolate, F.upsample, nn.Upsample), _resize)
 # ----------------------------------------------------------------------------- torchvision specifics
 
 
-def _register_torchvision() -> None:
+_TORCHVISION_DONE = False
+
+
+def register_torchvision_rules() -> None:
+    """Register rules for torchvision's opaque functions (once; only if torchvision
+    is already imported, so ``import autoalign`` does not pay for it)."""
+    global _TORCHVISION_DONE
+    import sys
+
+    if _TORCHVISION_DONE or "torchvision" not in sys.modules:
+        return
+    _TORCHVISION_DONE = True
     try:
         import importlib
 
@@ -944,5 +955,3 @@ def _swin_attention(ctx: RuleContext) -> Any:
     out = _attention_block(ctx, [vec, vec, vec], keys[0], keys[2], embed, heads, keys[1], keys[3], owner, site_inputs=(x, x, x))
     return ctx.along(out, ctx.out.shape, -1)
 
-
-_register_torchvision()
