@@ -231,17 +231,21 @@ def _copy_axis(ax, point_of=None, local_of=None):
 def test_check_catches_a_residual_stream_split_into_two_points():
     net, x = _model()
     spec = autoalign.find_merge_points(net, x)
-    s = spec.index_of("stem")
-    assert spec.point("stem").dim == 8
-    # the second block's conv2/bn2 rows go to a new point: the stream is split in two
+    # the grouped conv (groups=2) reading the stream splits it into two points of 4
+    assert [(p.name, p.dim) for p in spec.points[:2]] == [("stem[0]", 4), ("stem[1]", 4)]
+    s = spec.index_of("stem[0]")
+    # the second block's conv2/bn2 rows of stem[0] go to a new point: the stream is split in two
     new = len(spec.points)
-    points = spec.points + [dataclasses.replace(spec.point("stem"), name="stem-split")]
+    points = spec.points + [dataclasses.replace(spec.points[s], name="stem[0]-split")]
     axes = []
+    n_changed = 0
     for ax in spec.axes:
         if ax.tensor.startswith(("layer1.1.conv2.", "layer1.1.bn2.")) and ax.axis == 0:
-            assert np.all(ax.point_of == s)
-            ax = _copy_axis(ax, point_of=np.full_like(ax.point_of, new))
+            assert np.count_nonzero(ax.point_of == s) == 4
+            ax = _copy_axis(ax, point_of=np.where(ax.point_of == s, new, ax.point_of))
+            n_changed += 1
         axes.append(ax)
+    assert n_changed == 5  # conv2 weight, bn2 weight/bias/mean/var
     bad = _rebuild(spec, points, axes)
     assert autoalign.check(net, x, spec=bad).ok is False
     # the genuine spec passes with the same seed
@@ -251,19 +255,21 @@ def test_check_catches_a_residual_stream_split_into_two_points():
 def test_check_catches_a_consumer_axis_in_the_wrong_point():
     net, x = _model()
     spec = autoalign.find_merge_points(net, x)
-    stream = spec.index_of("stem")
-    inner = spec.index_of("layer1.1.conv1")  # same dim (8), a different point
+    stream = spec.index_of("stem[0]")
+    inner = spec.index_of("layer1.0.conv1[0]")  # same dim (4), a different point
     assert spec.points[inner].dim == spec.points[stream].dim
     axes = []
     n_changed = 0
     for ax in spec.axes:
         if ax.tensor == "split.weight" and ax.axis == 1:
-            assert np.all(ax.point_of == stream)
-            ax = _copy_axis(ax, point_of=np.full_like(ax.point_of, inner))
+            assert np.count_nonzero(ax.point_of == stream) == 4
+            ax = _copy_axis(ax, point_of=np.where(ax.point_of == stream, inner, ax.point_of))
             n_changed += 1
         axes.append(ax)
     assert n_changed == 1
-    assert autoalign.check(net, x, spec=_rebuild(spec, axes=axes)).ok is False
+    bad = _rebuild(spec, axes=axes)
+    assert bad.tensors_of("stem[0]").count("split.weight") == 0
+    assert autoalign.check(net, x, spec=bad).ok is False
 
 
 def test_check_catches_wrong_coordinates_within_the_right_point():

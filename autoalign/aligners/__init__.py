@@ -8,6 +8,7 @@ and ``cca`` (CCA Merge). Third-party aligners register through
 from .base import AlignProblem, Aligner, Plan, PointPlan, PointwiseAligner, identity_plan, permutation_matrix
 from .cca import CCAAligner, cca_transform
 from .identity import IdentityAligner
+from .mcca import MCCAAligner, mcca_transforms
 from .permutation import PermutationAligner
 from .registry import describe_aligners, get_aligner, list_aligners, register_aligner, reload_plugins
 
@@ -16,6 +17,7 @@ __all__ = [
     "Aligner",
     "CCAAligner",
     "IdentityAligner",
+    "MCCAAligner",
     "PermutationAligner",
     "Plan",
     "PointPlan",
@@ -25,6 +27,7 @@ __all__ = [
     "get_aligner",
     "identity_plan",
     "list_aligners",
+    "mcca_transforms",
     "permutation_matrix",
     "register_aligner",
     "reload_plugins",

@@ -1,0 +1,311 @@
+"""Ops without channel rules, strict mode, user-registered rules, and trace errors (issue 2)."""
+
+import numpy as np
+import pytest
+import torch
+import torch.fx
+from torch import nn
+
+import autoalign
+from autoalign.graph import registry
+
+
+@pytest.fixture(autouse=True)
+def _restore_registry():
+    """Every test here may register rules: put the registry back as it was."""
+    tables = (registry._MODULE_RULES, registry._FUNCTION_RULES, registry._METHOD_RULES)
+    saved = [dict(t) for t in tables]
+    yield
+    for t, s in zip(tables, saved):
+        t.clear()
+        t.update(s)
+
+
+def _axis(spec, tensor, axis, block=None):
+    found = [a for a in spec.axes if a.tensor == tensor and a.axis == axis and a.block == block]
+    assert len(found) == 1, f"expected one role for {tensor} axis {axis} block {block}, got {found}"
+    return found[0]
+
+
+# ----------------------------------------------------------------------------- models
+
+
+def opaque_op(x):
+    """An elementwise function kept opaque (autowrap_functions)."""
+    return x * 2.0 + 1.0
+
+
+def wrapped_op(x):
+    """The same, kept opaque with torch.fx.wrap."""
+    return x * 2.0 + 1.0
+
+
+torch.fx.wrap("wrapped_op")
+
+
+class Scale(nn.Module):
+    """A learned per-channel scale of (N, C, H, W) features."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.s = nn.Parameter(torch.rand(c) + 0.5)
+
+    def forward(self, x):
+        return x * self.s.view(1, -1, 1, 1)
+
+
+class Net(nn.Module):
+    def __init__(self, fn=None):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 1)
+        self.scale = Scale(4)
+        self.b = nn.Conv2d(4, 5, 1)
+        self.c = nn.Conv2d(5, 2, 1)
+        self.fn = fn
+
+    def forward(self, x):
+        h = self.scale(torch.relu(self.a(x)))
+        h = torch.relu(self.b(h))
+        if self.fn == "opaque":
+            h = opaque_op(h)
+        elif self.fn == "wrapped":
+            h = wrapped_op(h)
+        return self.c(h).mean((2, 3))
+
+
+def _x():
+    torch.manual_seed(1)
+    return torch.randn(2, 3, 3, 3)
+
+
+def _net(fn=None):
+    torch.manual_seed(0)
+    return Net(fn)
+
+
+def scale_rule(ctx):
+    """Channel rule for Scale: a per-channel op along axis 1."""
+    lab = ctx.label(ctx.arg(0))
+    vec = ctx.channels(lab, 1)
+    ctx.role(ctx.module_key("s"), 0, "channel", vec)
+    ctx.restrict(vec, "permutation", f"{ctx.name}: per-channel scale")
+    return lab
+
+
+# ----------------------------------------------------------------------------- ops without a rule
+
+
+@pytest.mark.parametrize("fn, kwargs", [("opaque", {"autowrap_functions": [opaque_op]}), ("wrapped", {})])
+def test_function_without_a_rule_freezes_what_it_touches(fn, kwargs):
+    net, x = _net(fn), _x()
+    spec = autoalign.find_merge_points(net, x, **kwargs)
+    name = f"{fn}_op"
+    assert any(n.op == "call_function" and n.name == name for n in autoalign.trace(net, x, **kwargs).graph.nodes)
+    p = spec.point("b")
+    assert p.kind == "frozen" and not p.io
+    assert name in p.reason and "register_channel_rule" in p.reason
+    assert p.reason.startswith(f"%{name} ")  # fx's format_node of the offending node
+    # points the op does not touch are unaffected (the traced-through Scale is a per-channel mul)
+    assert spec.point("a").kind == "permutation"
+    assert 0 < spec.coverage() < 1
+    report = autoalign.check(net, x, **kwargs)
+    assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("leaf", [Scale, "scale"])
+def test_leaf_module_without_a_rule_freezes_what_it_touches(leaf):
+    net, x = _net(), _x()
+    spec = autoalign.find_merge_points(net, x, leaf_modules=[leaf])
+    p = spec.point("a")
+    assert p.kind == "frozen" and not p.io
+    assert "%scale" in p.reason and "register_channel_rule" in p.reason and "leaf" in p.reason
+    assert spec.point("b").kind == "linear"
+    # the leaf's parameter is reached by the graph but has no role
+    assert "scale.s" not in spec.unused
+    assert not [a for a in spec.axes if a.tensor == "scale.s"]
+    assert autoalign.check(net, x, leaf_modules=[leaf]).ok
+
+
+@pytest.mark.parametrize(
+    "fn, kwargs, node",
+    [
+        ("opaque", {"autowrap_functions": [opaque_op]}, "opaque_op"),
+        ("wrapped", {}, "wrapped_op"),
+        (None, {"leaf_modules": [Scale]}, "scale"),
+    ],
+)
+def test_strict_mode_raises_unsupported_op_error(fn, kwargs, node):
+    net, x = _net(fn), _x()
+    with pytest.raises(autoalign.UnsupportedOpError, match="register_channel_rule") as info:
+        autoalign.find_merge_points(net, x, strict=True, **kwargs)
+    assert f"%{node} " in str(info.value)
+    assert isinstance(info.value, autoalign.AutoalignError)
+
+
+def test_strict_mode_does_not_raise_for_the_model_output():
+    """Freezing the output point is not an unsupported op."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    spec = autoalign.find_merge_points(net, torch.randn(2, 3), strict=True)
+    assert spec.point("2").io and spec.point("0").kind == "linear"
+
+
+# ----------------------------------------------------------------------------- registering rules
+
+
+def test_registering_a_rule_for_a_leaf_module():
+    net, x = _net(), _x()
+    autoalign.register_channel_rule(Scale, scale_rule)
+    spec = autoalign.find_merge_points(net, x, leaf_modules=[Scale], strict=True)
+    p = spec.point("a")
+    assert p.dim == 4 and p.kind == "permutation"
+    assert p.reason == "scale: per-channel scale"
+    ax = _axis(spec, "scale.s", 0)
+    assert ax.role == "channel"
+    np.testing.assert_array_equal(ax.point_of, np.full(4, spec.index_of("a")))
+    np.testing.assert_array_equal(ax.local_of, np.arange(4))
+    assert spec.coverage() == 1.0
+    report = autoalign.check(net, x, leaf_modules=[Scale])
+    assert report.ok, str(report)
+    assert report.permuted == 2
+
+
+def test_register_channel_rule_as_a_decorator_for_a_function():
+    net, x = _net("opaque"), _x()
+
+    @autoalign.register_channel_rule(opaque_op)
+    def _rule(ctx):
+        return ctx.label(ctx.arg(0))
+
+    assert registry.find_rule("call_function", opaque_op) is _rule
+    spec = autoalign.find_merge_points(net, x, autowrap_functions=[opaque_op], strict=True)
+    assert spec.point("b").kind == "linear"
+    assert autoalign.check(net, x, autowrap_functions=[opaque_op]).ok
+
+
+def test_a_wrong_rule_is_caught_by_the_self_check():
+    """A rule that forgets the per-channel parameter gives a spec that check() rejects."""
+    net, x = _net(), _x()
+    with torch.no_grad():
+        net.scale.s.copy_(torch.tensor([0.5, 1.0, 2.0, 4.0]))
+
+    def forgetful(ctx):
+        return ctx.label(ctx.arg(0))  # claims Scale is a plain pointwise op
+
+    autoalign.register_channel_rule(Scale, forgetful)
+    spec = autoalign.find_merge_points(net, x, leaf_modules=[Scale])
+    assert spec.point("a").kind == "linear"
+    assert autoalign.check(net, x, spec=spec).ok is False
+
+
+def test_a_rule_returning_a_wrong_shape_is_a_spec_error():
+    net, x = _net(), _x()
+    autoalign.register_channel_rule(Scale, lambda ctx: torch.zeros(3, dtype=torch.int64))
+    with pytest.raises(autoalign.SpecError, match="channel rule"):
+        autoalign.find_merge_points(net, x, leaf_modules=[Scale])
+
+
+def test_duplicate_registration_needs_replace():
+    def other(ctx):
+        return None
+
+    autoalign.register_channel_rule(Scale, scale_rule)
+    # the same rule again is harmless
+    autoalign.register_channel_rule(Scale, scale_rule)
+    with pytest.raises(ValueError, match="replace=True"):
+        autoalign.register_channel_rule(Scale, other)
+    assert registry.find_rule("call_module", Scale, Scale(2)) is scale_rule
+    autoalign.register_channel_rule(Scale, other, replace=True)
+    assert registry.find_rule("call_module", Scale, Scale(2)) is other
+
+    # built-in rules are protected too
+    with pytest.raises(ValueError):
+        autoalign.register_channel_rule(nn.Linear, other)
+    with pytest.raises(ValueError):
+        autoalign.register_channel_rule("view", other)
+    with pytest.raises(ValueError):
+        autoalign.register_channel_rule(torch.cat, other)
+
+
+def test_registration_rejects_bad_targets():
+    with pytest.raises(TypeError):
+        autoalign.register_channel_rule(int, scale_rule)
+    with pytest.raises(TypeError):
+        autoalign.register_channel_rule(3, scale_rule)
+
+
+def test_registry_is_restored_between_tests():
+    # scale_rule was registered by earlier tests; the fixture removed it
+    assert registry.find_rule("call_module", Scale, Scale(2)) is None
+    assert registry.find_rule("call_function", opaque_op) is None
+
+
+def test_subclasses_inherit_a_rule_only_with_the_same_forward():
+    class SameForward(nn.Linear):
+        pass
+
+    class OwnForward(nn.Linear):
+        def forward(self, x):
+            return super().forward(x) * 2.0
+
+    assert registry.find_rule("call_module", SameForward, SameForward(2, 2)) is registry.find_rule(
+        "call_module", nn.Linear, nn.Linear(2, 2)
+    )
+    assert registry.find_rule("call_module", OwnForward, OwnForward(2, 2)) is None
+
+    torch.manual_seed(0)
+    for cls, kind in ((SameForward, "linear"), (OwnForward, "frozen")):
+        net = nn.Sequential(cls(3, 4), nn.ReLU(), nn.Linear(4, 2))
+        spec = autoalign.find_merge_points(net, torch.randn(2, 3), leaf_modules=[cls])
+        assert spec.points[0].kind == kind, cls
+
+
+# ----------------------------------------------------------------------------- untraceable models
+
+
+class DataDependent(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:
+            return x
+        return -x
+
+
+class Outer(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 1)
+        self.body = nn.Sequential(nn.ReLU(), DataDependent())
+        self.head = nn.Conv2d(4, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.body(self.conv(x))).mean((2, 3))
+
+
+def test_untraceable_model_raises_trace_error_naming_the_module():
+    net, x = Outer(), _x()
+    with pytest.raises(autoalign.TraceError) as info:
+        autoalign.find_merge_points(net, x)
+    msg = str(info.value)
+    assert "'body.1'" in msg and "DataDependent" in msg
+    assert "leaf_modules" in msg
+    assert isinstance(info.value, autoalign.AutoalignError)
+
+
+def test_untraceable_module_marked_leaf_is_traceable():
+    net, x = Outer(), _x()
+    spec = autoalign.find_merge_points(net, x, leaf_modules=[DataDependent])
+    p = spec.point("conv")
+    assert p.kind == "frozen" and "%body_1" in p.reason and "register_channel_rule" in p.reason
+
+    # with a rule, the point is free again: a sign flip decided by a sum over all
+    # features, which a permutation (not a dense map) keeps
+    def rule(ctx):
+        lab = ctx.label(ctx.arg(0))
+        ctx.restrict(lab, "permutation", f"{ctx.name}: decides on a sum over features")
+        return lab
+
+    autoalign.register_channel_rule(DataDependent, rule)
+    spec = autoalign.find_merge_points(net, x, leaf_modules=[DataDependent])
+    assert spec.point("conv").kind == "permutation"
+    assert spec.point("conv").reason == "body.1: decides on a sum over features"
+    assert autoalign.check(net, x, leaf_modules=[DataDependent]).ok
