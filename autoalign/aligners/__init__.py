@@ -9,6 +9,8 @@ from .base import AlignProblem, Aligner, Plan, PointPlan, PointwiseAligner, iden
 from .cca import CCAAligner, cca_transform
 from .identity import IdentityAligner
 from .mcca import MCCAAligner, mcca_transforms
+from .ot import OTAligner
+from .zipit import ZipItAligner
 from .permutation import PermutationAligner
 from .registry import describe_aligners, get_aligner, list_aligners, register_aligner, reload_plugins
 
@@ -18,10 +20,12 @@ __all__ = [
     "CCAAligner",
     "IdentityAligner",
     "MCCAAligner",
+    "OTAligner",
     "PermutationAligner",
     "Plan",
     "PointPlan",
     "PointwiseAligner",
+    "ZipItAligner",
     "cca_transform",
     "describe_aligners",
     "get_aligner",

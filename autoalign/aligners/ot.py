@@ -97,8 +97,8 @@ def ot_transport(
     cost : Tensor, shape (d, d)
         Ground cost, rows = source (reference) features, columns = target features.
     method : {"emd", "sinkhorn"}, default "emd"
-        Exact network simplex (``ot.emd``) or entropic regularisation (``ot.sinkhorn``,
-        log-domain stabilised).
+        Exact network simplex (``ot.emd``) or entropic regularisation (``ot.sinkhorn``:
+        the plain iteration when ``max C / ε ≤ 500``, the log-domain one otherwise).
     reg : float, default 0.01
         Entropic regularisation for ``"sinkhorn"``, relative to the mean of ``cost``.
     max_iter : int, optional
@@ -122,9 +122,13 @@ def ot_transport(
         scale = float(c.mean())
         eps = reg * (scale if scale > 0 else 1.0)
         it = max_iter if max_iter is not None else 10_000
+        # the plain (fast) iteration while exp(-C/eps) cannot underflow, the log-domain one otherwise
+        solver = "sinkhorn" if float(c.max()) <= 500.0 * eps else "sinkhorn_log"
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "did not converge" is judged on the marginals below
-            t = pot.sinkhorn(a, a, c, eps, method="sinkhorn_log", numItermax=it, stopThr=1e-9)
+            warnings.simplefilter("ignore")  # "did not converge" is judged on the marginals by the caller
+            t = pot.sinkhorn(a, a, c, eps, method=solver, numItermax=it, stopThr=1e-9)
+            if solver == "sinkhorn" and not np.isfinite(t).all():
+                t = pot.sinkhorn(a, a, c, eps, method="sinkhorn_log", numItermax=it, stopThr=1e-9)
     else:
         raise ValueError(f"method must be 'emd' or 'sinkhorn', got {method!r}")
     return torch.as_tensor(np.asarray(t), dtype=torch.float64)

@@ -26,7 +26,9 @@ Hyperparameters (the paper's Sec. 4.3, "α" and "β"):
     ``floor(beta · (N − 1)·d / N)`` (the authors' code). ``beta = 0`` allows no
     same-model merge at all, so with ``alpha = 0`` every group holds exactly one
     feature of every model: for ``N = 2`` this is greedy permutation matching
-    (kind ``"permutation"``).
+    (kind ``"permutation"``). (For ``N ≥ 3`` the greedy order can, rarely,
+    dead-end — incomplete groups that pairwise share a model — and the forced
+    merges that follow are reported in the plan's note.)
 
 Deviations from the authors' code (documented, deliberate):
 

@@ -92,10 +92,11 @@ class LabelState:
     def union(self, a: torch.Tensor, b: torch.Tensor) -> None:
         """Identify coordinates elementwise (after broadcasting); zeros and untracked
         entries are skipped here (see :meth:`RuleContext.union`)."""
-        a, b = torch.broadcast_tensors(a, b)
+        a, b = reduce_pair(*torch.broadcast_tensors(a, b))
         mask = (a > 0) & (b > 0) & (a != b)
         if bool(mask.any()):
-            pairs = torch.stack([a[mask], b[mask]], 1).unique(dim=0)
+            key = torch.unique(a[mask] * self.next_id + b[mask])
+            pairs = torch.stack([key // self.next_id, key % self.next_id], 1)
             self.edges.append(pairs.numpy())
 
     def restrict(self, ids: torch.Tensor | np.ndarray, kind: str, reason: str, io: bool = False) -> None:
@@ -110,6 +111,29 @@ class LabelState:
         arr = arr[arr > 0]
         if arr.size:
             self.occurrences.append(arr)
+
+
+def reduce_pair(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Drop (narrow to size 1) every axis along which both label tensors are constant.
+
+    Label tensors are mostly constant over batch and spatial axes; reducing them
+    first keeps elementwise relations cheap on large activations."""
+    for ax in range(a.dim() - 1, -1, -1):
+        if a.shape[ax] > 1:
+            a0, b0 = a.narrow(ax, 0, 1), b.narrow(ax, 0, 1)
+            if bool((a == a0).all()) and bool((b == b0).all()):
+                a, b = a0, b0
+    return a, b
+
+
+def unique_ids(lab: torch.Tensor, n_ids: int) -> torch.Tensor:
+    """The distinct coordinates (``> 0``) of a label tensor, sorted, without sorting it."""
+    vals = lab[lab > ZERO]
+    if vals.numel() == 0:
+        return vals
+    mask = torch.zeros(n_ids + 1, dtype=torch.bool)
+    mask[vals] = True
+    return mask.nonzero().reshape(-1)
 
 
 def _axis(axis: int, ndim: int) -> int:
@@ -255,11 +279,14 @@ class RuleContext:
             self.freeze(torch.cat([a[lone], b[lone]]), f"{self.describe()}: combined with an untracked tensor")
         self.state.union(a, b)
 
+    def _ids(self, ids: Any) -> np.ndarray:
+        return unique_ids(torch.as_tensor(ids).reshape(-1), self.state.next_id).numpy()
+
     def restrict(self, ids: Any, kind: str, reason: str) -> None:
         """Allow at most ``kind`` transforms for the given coordinates; ``reason`` names why."""
         if ids is None:
             return
-        self.state.restrict(torch.as_tensor(ids).reshape(-1).numpy(), kind, reason)
+        self.state.restrict(self._ids(ids), kind, reason)
 
     def freeze(self, ids: Any, reason: str, *, io: bool = False) -> None:
         """Freeze coordinates (no transform at all)."""
@@ -273,12 +300,12 @@ class RuleContext:
             from ..errors import UnsupportedOpError
 
             raise UnsupportedOpError(reason)
-        self.state.restrict(torch.as_tensor(ids).reshape(-1).numpy(), "frozen", reason, io)
+        self.state.restrict(self._ids(ids), "frozen", reason, io)
 
     def group(self, ids: Any) -> None:
         """Declare that ``ids`` form a block that must not mix with coordinates outside it."""
         if ids is not None:
-            self.state.group(torch.as_tensor(ids).reshape(-1).numpy())
+            self.state.group(self._ids(ids))
 
     def role(
         self,

@@ -28,7 +28,7 @@ from ..errors import SpecError
 from ..spec import KINDS, AxisRole, MergePoint, MergeSpec, Site, _replica_index, kind_rank
 from ..trace import as_input_tuple, eval_mode, trace
 from . import rules  # noqa: F401 - registers the built-in rules
-from .context import ZERO, LabelState, ParamOrigin, RuleContext
+from .context import ZERO, LabelState, ParamOrigin, RuleContext, unique_ids
 from .registry import find_rule
 
 __all__ = ["find_merge_points", "discover"]
@@ -63,8 +63,7 @@ def _check_label(node: fx.Node, value: Any, lab: Any) -> Any:
 
 def _occurrence(lab: Any, state: LabelState) -> None:
     if isinstance(lab, torch.Tensor):
-        ids = torch.unique(lab)
-        ids = ids[ids > ZERO]
+        ids = unique_ids(lab, state.next_id)
         if ids.numel():
             state.occurrences.append(ids.numpy())
     elif isinstance(lab, (list, tuple)):

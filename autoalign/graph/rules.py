@@ -500,6 +500,13 @@ def _param_role(ctx: RuleContext, lab: torch.Tensor, origin: ParamOrigin, other_
     return True
 
 
+def _is_zero(v: Any) -> bool:
+    try:
+        return bool(v == 0)
+    except Exception:  # noqa: BLE001 - anything that is not a plain number
+        return False
+
+
 def _elementwise(kind: str):
     """``kind`` is ``"add"`` (add, sub) or ``"mul"`` (mul, div)."""
 
@@ -511,8 +518,12 @@ def _elementwise(kind: str):
         ta, tb = isinstance(va, torch.Tensor), isinstance(vb, torch.Tensor)
         la, lb = ctx.label(a) if ta else None, ctx.label(b) if tb else None
         if not (ta and tb) or (va.dim() == 0 and ctx.origin(a) is None) or (vb.dim() == 0 and ctx.origin(b) is None):
-            # a python scalar or 0-d constant: pointwise
-            return la if la is not None else lb
+            # a python scalar or 0-d constant: pointwise; adding a nonzero constant to
+            # every channel commutes with permutations only (M (x + c 1) != M x + c 1)
+            lab, const = (la, vb) if la is not None else (lb, va)
+            if kind == "add" and lab is not None and not _is_zero(const):
+                ctx.restrict(lab, "permutation", f"{ctx.describe()}: adds a value that is the same for every channel")
+            return lab
         out_shape = tuple(ctx.out.shape)
         if la is None and lb is None:
             return None
@@ -637,13 +648,16 @@ def _cat(ctx: RuleContext) -> Any:
         return None
     ndim = ctx.out.dim()
     dim = dim % ndim
+    # stack inserts a new axis ``dim`` into the output: never a feature axis
+    is_stack = ctx.node.target is torch.stack
     vary = set()
     for lab in labs:
         vary |= set(ctx.varying_axes(lab))
-    if dim not in vary and len(vary) == 1:
+    if (is_stack or dim not in vary) and len(vary) == 1:
         # concatenation along a non-feature axis (tokens): the feature coordinates
         # of all operands are identified, like an add
         (ax,) = vary
+        out_ax = ax + 1 if is_stack and dim <= ax else ax
         vecs = [ctx.channels(lab, ax) for lab in labs if lab is not None]
         base = vecs[0]
         for v in vecs[1:]:
@@ -652,13 +666,13 @@ def _cat(ctx: RuleContext) -> Any:
             if lab is None:
                 o = ctx.origin(t)
                 vt = ctx.value(t)
-                if o is not None and isinstance(vt, torch.Tensor):
+                if o is not None and isinstance(vt, torch.Tensor) and not is_stack:
                     full = ctx.along(base, vt.shape, ax)
                     if not _param_role(ctx, full, o, vt.shape, "additive"):
                         ctx.freeze(base, f"{ctx.describe()}: concatenated with {o.key} in a way no transform can follow")
                 elif isinstance(vt, torch.Tensor):
                     ctx.freeze(base, f"{ctx.describe()}: concatenated with an untracked tensor along a non-feature axis")
-        return ctx.along(base, ctx.out.shape, ax)
+        return ctx.along(base, ctx.out.shape, out_ax)
     return _clean(_run_on_labels(ctx))
 
 
