@@ -47,9 +47,17 @@ def main() -> None:
         t0 = time.perf_counter()
         model, x = torchvision_example(name)
         rep = autoalign.check(model, x)
+        rep64 = None
+        if not rep.ok:
+            rep64 = autoalign.check(model.double(), x.double(), spec=rep.spec)
         dt = time.perf_counter() - t0
         kc = rep.spec.kind_counts()
         frozen_reasons = sorted({p.reason for p in rep.spec.points if p.kind == "frozen" and not p.io})
+        if rep64 is not None:
+            frozen_reasons.append(
+                f"float32 check failed (max |Δ| {rep.max_abs_diff:.3g} at output scale {rep.output_scale:.3g}); "
+                f"the same spec in float64: {'ok' if rep64.ok else 'FAILED'}, max |Δ| {rep64.max_abs_diff:.3g}"
+            )
         rows.append((name, model_family(name), tuple(x.shape[1:]), rep, kc, dt, frozen_reasons))
         print(f"{name:22s} ok={rep.ok} cov={rep.coverage:.3f} |Δ|={rep.max_abs_diff:.2e} {dt:.1f}s", flush=True)
         del model
@@ -79,7 +87,7 @@ def main() -> None:
         )
     reasons = [(n, r) for n, *_, r in rows if r]
     if reasons:
-        lines += ["", "## Frozen points other than the model's inputs and outputs", ""]
+        lines += ["", "## Notes per model (frozen points other than inputs/outputs; float64 re-checks)", ""]
         for n, rs in reasons:
             for r in rs:
                 lines.append(f"- `{n}`: {r}")

@@ -33,7 +33,6 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import autoalign  # noqa: E402
 from autoalign.datasets import load_dataset, make_loader  # noqa: E402
 from autoalign.repair import has_batchnorm  # noqa: E402
-from benchmarks.models import build_model  # noqa: E402
 from benchmarks.train import evaluate, load_checkpoint, train_models  # noqa: E402
 
 
@@ -69,12 +68,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         args.dataset, args.arch, args.seeds, epochs=args.epochs, device=args.device, data_root=args.data_root,
         out_dir=args.checkpoints, width=args.width, verbose=True, **arch_kw,
     )
-    models = []
-    for p in paths:
-        ckpt = load_checkpoint(p)
-        m = build_model(args.arch, args.dataset, width=args.width, **arch_kw)
-        m.load_state_dict(ckpt["state_dict"])
-        models.append(m.to(args.device).eval())
+    models = [load_checkpoint(p, map_location=args.device)[0] for p in paths]
     xtr, ytr = load_dataset(args.dataset, data_root=args.data_root, split="train")
     xte, yte = load_dataset(args.dataset, data_root=args.data_root, split="test")
     g = torch.Generator().manual_seed(12345)

@@ -2,6 +2,7 @@
 channels keep each branch its own point; concatenation along tokens identifies features."""
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -211,4 +212,35 @@ def test_cat_along_tokens_with_an_untracked_tensor_freezes_with_a_reason():
     assert p.kind == "frozen" and not p.io
     assert "cat" in p.reason and "untracked" in p.reason
     assert spec.coverage() == 0.0
+    _check_ok(net, x)
+
+
+@pytest.mark.parametrize("dim, batch", [(0, 5), (0, 4), (1, 5), (-1, 5)])
+def test_stack_along_a_new_axis_identifies_features(dim, batch):
+    """torch.stack inserts a new (non-feature) axis: like a token concatenation, the
+    operands' features are identified, and the feature axis shifts when the new axis
+    comes before it (this used to crash for dim=0 and freeze for dim=1)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(3, 4)
+            self.c = nn.Linear(4, 2)
+
+        def forward(self, x):
+            s = torch.stack([self.a(x), self.b(x)], dim)
+            if dim == -1:  # (B, 4, 2): features on axis 1
+                return self.c(s.sum(-1))
+            return self.c(s).mean(dim)
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(batch, 3)
+    spec = autoalign.find_merge_points(net, x)
+    assert [p.name for p in spec.points] == ["a", "c"]
+    assert spec.point("a").kind == "linear"
+    for key in ("a.weight", "a.bias", "b.weight", "b.bias"):
+        _expect_axis(spec, key, 0, "output", [("a", range(4))])
+    _expect_axis(spec, "c.weight", 1, "input", [("a", range(4))])
     _check_ok(net, x)

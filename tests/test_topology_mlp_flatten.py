@@ -243,3 +243,70 @@ def test_conv_pool_flatten_linear_with_nn_flatten():
     np.testing.assert_array_equal(ax.local_of, np.arange(6))
     assert ax.index(p0, 6).shape == (1, 6)
     _assert_check(net, x)
+
+
+@pytest.mark.parametrize(
+    "op, kind",
+    [
+        (lambda h: h + 1.0, "permutation"),
+        (lambda h: 1.0 - h, "permutation"),
+        (lambda h: h - torch.tensor(0.5), "permutation"),
+        (lambda h: h + torch.ones(1), "permutation"),
+        (lambda h: h + 0.0, "linear"),
+        (lambda h: h * 3.0, "linear"),
+        (lambda h: h / 2.0, "linear"),
+    ],
+)
+def test_adding_a_constant_to_every_channel_allows_only_permutations(op, kind):
+    """M (h + c 1) = M h + c M 1, which is M h + c 1 only when M 1 = 1: a nonzero
+    constant added to every channel restricts the point to permutations, whether the
+    constant is a python number or a tensor (python numbers used to be ignored)."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(op(self.a(x)))
+
+    torch.manual_seed(0)
+    net = Net().double()
+    x = torch.randn(5, 3, dtype=torch.float64)
+    spec = autoalign.find_merge_points(net, x)
+    p = spec.point("a")
+    assert p.kind == kind
+    if kind == "permutation":
+        assert "same for every channel" in p.reason
+    else:
+        # a dense transform is exact, as the kind claims
+        g = torch.Generator().manual_seed(0)
+        m = torch.randn(4, 4, generator=g, dtype=torch.float64) + 3 * torch.eye(4, dtype=torch.float64)
+        sd = autoalign.transform_state_dict(net.state_dict(), spec, {"a": (m, torch.linalg.inv(m))})
+        other = Net().double()
+        other.load_state_dict(sd)
+        torch.testing.assert_close(other(x), net(x))
+    _assert_check(net, x)
+
+
+def test_adding_a_learned_scalar_allows_only_permutations():
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.Linear(3, 4)
+            self.c = nn.Parameter(torch.tensor([0.7]))
+            self.b = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.b(self.a(x) + self.c)
+
+    torch.manual_seed(0)
+    net = Net()
+    x = torch.randn(5, 3)
+    spec = autoalign.find_merge_points(net, x)
+    p = spec.point("a")
+    assert p.kind == "permutation" and "c, the same for every channel" in p.reason
+    assert not [a for a in spec.axes if a.tensor == "c"]
+    assert "c" not in spec.unused
+    _assert_check(net, x)

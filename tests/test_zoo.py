@@ -22,12 +22,18 @@ REPRESENTATIVES = [
     "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "vgg11_bn", "vit_b_32", "wide_resnet50_2",
 ]
 ALL = torchvision_classifiers()
+FLOAT32_CHAOTIC = {"efficientnet_v2_l"}
 
 
 def _check(name: str) -> None:
     torch.set_num_threads(2)
     model, x = torchvision_example(name)
     report = autoalign.check(model, x)
+    if not report.ok and name in FLOAT32_CHAOTIC:
+        # randomly initialised, these nets amplify float32 rounding (a different
+        # summation order after permuting) beyond 1e-4; in float64 the same spec
+        # is exact (docs/coverage.md)
+        report = autoalign.check(model.double(), x.double(), spec=report.spec)
     assert report.ok, f"{name}: {report}"
     fam = model_family(name)
     cov = report.coverage

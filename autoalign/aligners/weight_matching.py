@@ -188,6 +188,7 @@ def _coordinate_descent(
     *,
     max_iter: int,
     rng: np.random.Generator,
+    first_sweep: str = "topological",
 ) -> tuple[_Perms, int, bool]:
     """Weight-match ``model`` to ``target`` (Git Re-Basin, Algorithm 1).
 
@@ -209,6 +210,8 @@ def _coordinate_descent(
         Maximum number of sweeps over the points.
     rng : numpy.random.Generator
         Order of the points in each sweep.
+    first_sweep : {"topological", "random"}
+        Order of the first sweep: the spec's (topological) order, or random.
 
     Returns
     -------
@@ -221,30 +224,40 @@ def _coordinate_descent(
     perms = dict(perms)
     dirty = set(layout.active)
     eps = torch.finfo(next(iter(model.values())).dtype).eps if model else 1e-16
+    # the model's tensors with every current permutation applied, rebuilt when one changes
+    full: dict[str, torch.Tensor] = {}
     sweeps = 0
     for sweeps in range(1, max_iter + 1):
         changed = False
-        for p in rng.permutation(layout.active).tolist():
+        order = layout.active if (sweeps == 1 and first_sweep == "topological") else rng.permutation(layout.active).tolist()
+        for p in order:
             if p not in dirty:
                 continue
             dirty.discard(p)
-            s = None
+            s_full = None
             for ax, idx in layout.touching[p]:
-                b = layout.permuted(ax.tensor, model[ax.tensor], perms, skip=(id(ax), p))
-                contrib = _contract(layout, ax, idx, target[ax.tensor], b).double().cpu()
-                s = contrib if s is None else s + contrib
-            if s is None:
+                if ax.tensor not in full:
+                    full[ax.tensor] = layout.permuted(ax.tensor, model[ax.tensor], perms)
+                contrib = _contract(layout, ax, idx, target[ax.tensor], full[ax.tensor]).double().cpu()
+                s_full = contrib if s_full is None else s_full + contrib
+            if s_full is None:
                 continue
             old = perms[p]
+            # with p's own permutation applied, column i of s_full holds the model's coordinate
+            # old[i]; undo it: s[:, j] compares with the model's coordinate j
+            s = torch.empty_like(s_full)
+            s[:, old] = s_full
             new = match_permutation(s)
             ar = torch.arange(s.shape[0])
-            before = float(s[ar, old].sum())
+            before = float(s_full.diagonal().sum())
             gain = float(s[ar, new].sum()) - before
             # accept only improvements beyond rounding, so that ties cannot make the descent cycle
-            if gain > 1e3 * eps * max(float(s[ar, old].abs().sum()), 1e-300) and not torch.equal(new, old):
+            if gain > 1e3 * eps * max(float(s_full.diagonal().abs().sum()), 1e-300) and not torch.equal(new, old):
                 perms[p] = new
                 changed = True
                 dirty |= layout.neighbours[p]
+                for ax, _ in layout.touching[p]:
+                    full.pop(ax.tensor, None)
         if not changed:
             return perms, sweeps, True
     return perms, sweeps, False
@@ -272,6 +285,7 @@ def weight_matching(
     scheme: str | None = None,
     max_iter: int = 100,
     seed: int = 0,
+    first_sweep: str = "topological",
     dtype: torch.dtype = torch.float32,
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """Permutations aligning every model's weights (Git Re-Basin weight matching).
@@ -291,6 +305,13 @@ def weight_matching(
         Maximum sweeps of the coordinate descent (and rounds of MergeMany).
     seed : int, default 0
         Seed of the random visiting orders.
+    first_sweep : {"topological", "random"}, default "topological"
+        Order of the first sweep of each coordinate descent. ``"topological"``
+        visits the points in the spec's order, so that each point is first solved
+        with the points feeding it already matched (which recovers permuted copies
+        of deep networks exactly, where a random first sweep can lock into a
+        poor fixed point); later sweeps are random. ``"random"`` follows the
+        paper's Algorithm 1 throughout.
     dtype : torch.dtype, default float32
         Precision of the similarity computations.
 
@@ -311,6 +332,8 @@ def weight_matching(
         raise ValueError(f'scheme must be "all_to_one" or "merge_many", got {scheme!r}')
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
+    if first_sweep not in ("topological", "random"):
+        raise ValueError(f'first_sweep must be "topological" or "random", got {first_sweep!r}')
     if not 0 <= reference < n:
         raise ValueError(f"reference must be in [0, {n}), got {reference}")
     w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64).cpu()
@@ -325,7 +348,7 @@ def weight_matching(
     for m in range(n):
         if m == reference:
             continue
-        perms[m], it, ok = _coordinate_descent(layout, sds[reference], sds[m], ident, max_iter=max_iter, rng=rng)
+        perms[m], it, ok = _coordinate_descent(layout, sds[reference], sds[m], ident, max_iter=max_iter, rng=rng, first_sweep=first_sweep)
         iterations = max(iterations, it)
         converged &= ok
     if scheme == "merge_many" and n > 2:
@@ -340,7 +363,7 @@ def weight_matching(
                 wo = w[others]
                 wo = wo / wo.sum() if float(wo.sum()) > 0 else torch.full((n - 1,), 1.0 / (n - 1), dtype=torch.float64)
                 target = {t: sum(float(wk) * aligned[k][t] for wk, k in zip(wo, others)) for t in layout.tensors}
-                new, _, ok = _coordinate_descent(layout, target, sds[m], perms[m], max_iter=max_iter, rng=rng)
+                new, _, ok = _coordinate_descent(layout, target, sds[m], perms[m], max_iter=max_iter, rng=rng, first_sweep=first_sweep)
                 inner_ok &= ok
                 if any(not torch.equal(new[p], perms[m][p]) for p in layout.active):
                     perms[m] = new
@@ -397,6 +420,9 @@ class WeightMatchingAligner(Aligner):
         ``UserWarning`` is issued when it is reached without a fixed point.
     seed : int, default 0
         Seed of the random order in which points (and models) are visited.
+    first_sweep : {"topological", "random"}, default "topological"
+        Order of the first sweep of each coordinate descent: the spec's
+        topological order (robust on deep networks) or random, as in the paper.
     dtype : torch.dtype, default torch.float32
         Precision of the similarity computations.
 
@@ -410,7 +436,7 @@ class WeightMatchingAligner(Aligner):
     --------
     >>> import autoalign
     >>> autoalign.get_aligner("weight_matching", seed=1)
-    WeightMatchingAligner(scheme=None, max_iter=100, seed=1, dtype=torch.float32)
+    WeightMatchingAligner(scheme=None, max_iter=100, seed=1, first_sweep='topological', dtype=torch.float32)
     """
 
     name = "weight_matching"
@@ -418,7 +444,13 @@ class WeightMatchingAligner(Aligner):
     description = "weight matching: data-free permutations maximising weight similarity (Git Re-Basin WM, MergeMany)"
 
     def __init__(
-        self, *, scheme: str | None = None, max_iter: int = 100, seed: int = 0, dtype: torch.dtype = torch.float32
+        self,
+        *,
+        scheme: str | None = None,
+        max_iter: int = 100,
+        seed: int = 0,
+        first_sweep: str = "topological",
+        dtype: torch.dtype = torch.float32,
     ) -> None:
         if scheme not in (None, "all_to_one", "merge_many"):
             raise ValueError(f'scheme must be "all_to_one" or "merge_many", got {scheme!r}')
@@ -427,6 +459,9 @@ class WeightMatchingAligner(Aligner):
         self.scheme = scheme
         self.max_iter = int(max_iter)
         self.seed = int(seed)
+        if first_sweep not in ("topological", "random"):
+            raise ValueError(f'first_sweep must be "topological" or "random", got {first_sweep!r}')
+        self.first_sweep = first_sweep
         self.dtype = dtype
 
     def solve(self, problem: AlignProblem) -> Plan:
@@ -439,6 +474,7 @@ class WeightMatchingAligner(Aligner):
             scheme=self.scheme,
             max_iter=self.max_iter,
             seed=self.seed,
+            first_sweep=self.first_sweep,
             dtype=self.dtype,
         )
         what = "rounds of MergeMany" if info["scheme"] == "merge_many" and problem.n_models > 2 else "sweeps"

@@ -478,7 +478,11 @@ def _param_role(ctx: RuleContext, lab: torch.Tensor, origin: ParamOrigin, other_
     pshape = ctx.state.param_shapes[origin.key]
     for ax in vary:
         if idx.shape[ax] == 1:
-            continue  # the parameter is uniform across these coordinates
+            # the parameter is uniform across these coordinates: a common factor is fine,
+            # but a common summand c only moves with M when M 1 = 1 (permutations)
+            if role == "additive":
+                ctx.restrict(full, "permutation", f"{ctx.describe()}: adds {origin.key}, the same for every channel")
+            continue
         # the parameter must run along exactly one of its axes, from 0, with unit steps of that axis
         first = idx.narrow(ax, 0, 1)
         steps = idx - first
