@@ -12,6 +12,7 @@ from .mcca import MCCAAligner, mcca_transforms
 from .ot import OTAligner
 from .zipit import ZipItAligner
 from .permutation import PermutationAligner
+from .weight_matching import WeightMatchingAligner, weight_matching
 from .registry import describe_aligners, get_aligner, list_aligners, register_aligner, reload_plugins
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "Plan",
     "PointPlan",
     "PointwiseAligner",
+    "WeightMatchingAligner",
     "ZipItAligner",
     "cca_transform",
     "describe_aligners",
@@ -34,5 +36,6 @@ __all__ = [
     "mcca_transforms",
     "permutation_matrix",
     "register_aligner",
+    "weight_matching",
     "reload_plugins",
 ]

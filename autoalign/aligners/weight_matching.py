@@ -100,6 +100,19 @@ class _Layout:
                 self.index[(id(ax), p)] = idx
                 self.touching[p].append((ax, idx))
         self.tensors = list(self.keys)
+        # an in-place update of one point along one axis commutes with the other gathers of
+        # the tensor unless a block restricted to part of that axis cuts through the point
+        self.incremental: dict[tuple[int, int], bool] = {}
+        for p in self.active:
+            for ax, idx in self.touching[p]:
+                pos = idx.reshape(-1)
+                ok = True
+                for key in self.keys[ax.tensor]:
+                    blk = key[2]
+                    if blk is not None and blk[0] == ax.axis:
+                        inside = (pos >= blk[1]) & (pos < blk[2])
+                        ok &= bool(inside.all()) or not bool(inside.any())
+                self.incremental[(id(ax), p)] = ok
         # points whose similarity depends on a point's permutation: those sharing a tensor with it
         # (itself included when it occurs on two axes of one tensor)
         on_tensor: dict[str, list[tuple[int, int]]] = {}
@@ -133,6 +146,7 @@ class _Layout:
 
     def permuted(self, name: str, t: torch.Tensor, perms: _Perms, skip: tuple[int, int] | None = None) -> torch.Tensor:
         """Tensor ``name`` of one model with all current permutations applied (``skip`` excepted)."""
+        own = False  # whether ``t`` is a new tensor already (safe to write into)
         for key in self.keys[name]:
             index = self.gather_index(key, perms, skip)
             if index is None:
@@ -143,10 +157,25 @@ class _Layout:
                 t = t.index_select(axis, index)
             else:
                 b_axis, start, stop = block
-                t = t.clone()
+                if not own:
+                    t = t.clone()
                 part = t.narrow(b_axis, start, stop - start)
                 part.copy_(part.index_select(axis, index))
-        return t
+            own = True
+        return t if own else t.clone()
+
+    def repermute(self, t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, rel: torch.Tensor) -> None:
+        """Update a fully permuted tensor in place after one point's permutation changed.
+
+        ``rel = old⁻¹[new]``: coordinate ``i`` now takes what coordinate ``rel[i]`` held.
+        """
+        if ax.block is not None:
+            b_axis, start, stop = ax.block
+            t = t.narrow(b_axis, start, stop - start)
+        x = t.movedim(ax.axis, 0)
+        dst = idx.reshape(-1).to(t.device)
+        src = idx[:, rel].reshape(-1).to(t.device)
+        x[dst] = x[src].clone()
 
     def rows(self, ax: AxisRole, idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """``t``'s slices at the point's coordinates, shape ``(d, R·K)``.
@@ -168,16 +197,28 @@ class _Layout:
         return {k: self.permuted(k, sd[k], perms) for k in self.tensors}
 
 
-def _contract(layout: _Layout, ax: AxisRole, idx: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+def _contract(
+    layout: _Layout,
+    ax: AxisRole,
+    idx: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    cache: dict[tuple[int, int], torch.Tensor],
+    point: int,
+) -> torch.Tensor:
     """``Σ_r a_(p),r · b_(p),rᵀ`` for one axis role: the ``(d, d)`` similarity it contributes.
 
     ``a`` and ``b`` are whole tensors; when the point fills the axis in order (no
-    block, no replica) the product is a plain ``tensordot`` over the other axes.
+    block, no replica) the product is a plain ``tensordot`` over the other axes,
+    otherwise ``a``'s rows are kept in ``cache`` under ``(id(ax), point)``.
     """
     if ax.block is None and idx.shape[0] == 1 and idx.shape[1] == ax.size and bool((idx[0] == torch.arange(ax.size)).all()):
         other = [i for i in range(a.dim()) if i != ax.axis]
         return torch.tensordot(a, b, dims=(other, other))
-    return layout.rows(ax, idx, a) @ layout.rows(ax, idx, b).T
+    key = (id(ax), point)
+    if key not in cache:
+        cache[key] = layout.rows(ax, idx, a)  # the target's rows do not change during a descent
+    return cache[key] @ layout.rows(ax, idx, b).T
 
 
 def _coordinate_descent(
@@ -226,6 +267,7 @@ def _coordinate_descent(
     eps = torch.finfo(next(iter(model.values())).dtype).eps if model else 1e-16
     # the model's tensors with every current permutation applied, rebuilt when one changes
     full: dict[str, torch.Tensor] = {}
+    target_rows: dict[tuple[int, int], torch.Tensor] = {}
     sweeps = 0
     for sweeps in range(1, max_iter + 1):
         changed = False
@@ -238,7 +280,7 @@ def _coordinate_descent(
             for ax, idx in layout.touching[p]:
                 if ax.tensor not in full:
                     full[ax.tensor] = layout.permuted(ax.tensor, model[ax.tensor], perms)
-                contrib = _contract(layout, ax, idx, target[ax.tensor], full[ax.tensor]).double().cpu()
+                contrib = _contract(layout, ax, idx, target[ax.tensor], full[ax.tensor], target_rows, p).double().cpu()
                 s_full = contrib if s_full is None else s_full + contrib
             if s_full is None:
                 continue
@@ -253,11 +295,18 @@ def _coordinate_descent(
             gain = float(s[ar, new].sum()) - before
             # accept only improvements beyond rounding, so that ties cannot make the descent cycle
             if gain > 1e3 * eps * max(float(s_full.diagonal().abs().sum()), 1e-300) and not torch.equal(new, old):
+                inv_old = torch.empty_like(old)
+                inv_old[old] = torch.arange(old.numel())
+                rel = inv_old[new]
+                for ax, idx in layout.touching[p]:
+                    if ax.tensor in full:
+                        if layout.incremental[(id(ax), p)]:
+                            layout.repermute(full[ax.tensor], ax, idx, rel)
+                        else:
+                            full.pop(ax.tensor)
                 perms[p] = new
                 changed = True
                 dirty |= layout.neighbours[p]
-                for ax, _ in layout.touching[p]:
-                    full.pop(ax.tensor, None)
         if not changed:
             return perms, sweeps, True
     return perms, sweeps, False
