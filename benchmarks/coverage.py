@@ -13,6 +13,8 @@ point and compares outputs (eval mode, float32).
 from __future__ import annotations
 
 import argparse
+import json
+import pathlib
 import platform
 import subprocess
 import time
@@ -38,12 +40,17 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default="docs/coverage.md")
     ap.add_argument("--models", nargs="*", help="subset of model names (default: all)")
+    ap.add_argument("--state", default="benchmarks/out/coverage_rows.json",
+                    help="rows measured so far (a later run resumes from them)")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(int(__import__("os").environ.get("AUTOALIGN_THREADS", "2")))
     names = args.models or torchvision_classifiers()
-    rows = []
+    state = pathlib.Path(args.state)
+    done: dict[str, dict] = json.loads(state.read_text()) if state.exists() else {}
     t_all = time.perf_counter()
     for name in names:
+        if name in done:
+            continue
         t0 = time.perf_counter()
         model, x = torchvision_example(name)
         rep = autoalign.check(model, x)
@@ -58,17 +65,29 @@ def main() -> None:
                 f"float32 check failed (max |Δ| {rep.max_abs_diff:.3g} at output scale {rep.output_scale:.3g}); "
                 f"the same spec in float64: {'ok' if rep64.ok else 'FAILED'}, max |Δ| {rep64.max_abs_diff:.3g}"
             )
-        rows.append((name, model_family(name), tuple(x.shape[1:]), rep, kc, dt, frozen_reasons))
+        done[name] = dict(
+            family=model_family(name), input="x".join(map(str, x.shape[1:])), ok=rep.ok or bool(rep64 and rep64.ok),
+            ok32=rep.ok, diff=rep.max_abs_diff, scale=rep.output_scale, points=rep.points, kinds=kc,
+            coverage=rep.coverage, seconds=dt, notes=frozen_reasons,
+        )
+        state.parent.mkdir(parents=True, exist_ok=True)
+        state.write_text(json.dumps(done, indent=1))
         print(f"{name:22s} ok={rep.ok} cov={rep.coverage:.3f} |Δ|={rep.max_abs_diff:.2e} {dt:.1f}s", flush=True)
         del model
-    total = time.perf_counter() - t_all
+        write_doc(done, args.out, names)
+
+
+def write_doc(done: dict[str, dict], out: str, names: list[str]) -> None:
+    total = sum(r["seconds"] for r in done.values())
+    missing = [n for n in names if n not in done]
     lines = [
         "# Self-check and coverage on torchvision's classifiers",
         "",
         f"Produced by `python benchmarks/coverage.py --out docs/coverage.md` on {time.strftime('%Y-%m-%d')}, "
         f"torch {torch.__version__}, torchvision {__import__('torchvision').__version__}, "
-        f"{cpu_name()} ({torch.get_num_threads()} threads), no GPU. Total wall time {total / 60:.1f} min "
-        f"(the `pytest -m zoo` suite does the same checks).",
+        f"{cpu_name()} ({torch.get_num_threads()} threads), no GPU, while other jobs shared the 2 cores. "
+        f"Sum of per-model times {total / 60:.1f} min (the `pytest -m zoo` suite does the same checks)."
+        + (f" **Not yet measured:** {', '.join(missing)}." if missing else ""),
         "",
         "Each model is randomly initialised (constant-initialised tensors perturbed so that every role is visible "
         "to the check, BatchNorm statistics calibrated on random images), its merge points are discovered, every "
@@ -79,21 +98,23 @@ def main() -> None:
         "| model | family | input | ok | max abs Δ | max abs output | points | linear | orthogonal | permutation | frozen | coverage | seconds |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, fam, shape, rep, kc, dt, _ in rows:
+    for name in [n for n in names if n in done]:
+        r = done[name]
+        kc = r["kinds"]
+        ok = "yes" if r["ok32"] else ("yes (float64)" if r["ok"] else "**NO**")
         lines.append(
-            f"| {name} | {fam} | {'x'.join(map(str, shape))} | {'yes' if rep.ok else '**NO**'} | {rep.max_abs_diff:.1e} | "
-            f"{rep.output_scale:.2g} | {rep.points} | {kc['linear']} | {kc['orthogonal']} | {kc['permutation']} | "
-            f"{kc['frozen']} | {rep.coverage:.3f} | {dt:.1f} |"
+            f"| {name} | {r['family']} | {r['input']} | {ok} | {r['diff']:.1e} | {r['scale']:.2g} | {r['points']} | "
+            f"{kc['linear']} | {kc['orthogonal']} | {kc['permutation']} | {kc['frozen']} | {r['coverage']:.3f} | "
+            f"{r['seconds']:.1f} |"
         )
-    reasons = [(n, r) for n, *_, r in rows if r]
+    reasons = [(n, done[n]["notes"]) for n in names if n in done and done[n]["notes"]]
     if reasons:
         lines += ["", "## Notes per model (frozen points other than inputs/outputs; float64 re-checks)", ""]
         for n, rs in reasons:
             for r in rs:
                 lines.append(f"- `{n}`: {r}")
-    with open(args.out, "w") as f:
+    with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")
-    print(f"wrote {args.out} ({total:.0f} s)")
 
 
 if __name__ == "__main__":
