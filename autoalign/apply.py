@@ -217,7 +217,7 @@ def transform_state_dict(
             _apply_axis(work[ax.tensor], ax, idx, u if ax.role == "input" else m)
     for k, v in work.items():
         sd[k] = v.to(dtype=state_dict[k].dtype, device=state_dict[k].device)
-    for (k, axis, block), index in gathers.items():
+    for (k, axis, block), index in gathers.items():  # noqa: B007
         t = sd[k]
         index = index.to(t.device)
         if block is None:
@@ -228,6 +228,9 @@ def transform_state_dict(
             part = t.narrow(b_axis, start, stop - start)
             part.copy_(part.index_select(axis, index))
             sd[k] = t
+    for alias, canonical in spec.aliases.items():
+        if alias in sd and canonical in sd:
+            sd[alias] = sd[canonical]
     return _with_metadata(sd, state_dict)
 
 

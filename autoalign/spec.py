@@ -347,6 +347,9 @@ class MergeSpec:
         State-dict keys never reached by the traced graph (left untouched).
     model_class : str
         Qualified class name of the model the spec was discovered on.
+    aliases : dict of str to str
+        Tied parameters: state-dict key → the key the spec describes it under
+        (transforms write the same tensor to both).
 
     Examples
     --------
@@ -362,6 +365,7 @@ class MergeSpec:
     folds: list[FoldedNorm] = field(default_factory=list)
     unused: list[str] = field(default_factory=list)
     model_class: str = ""
+    aliases: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         names = [p.name for p in self.points]
@@ -456,6 +460,7 @@ class MergeSpec:
             "axes": [a.to_dict() for a in self.axes],
             "folds": [f.to_dict() for f in self.folds],
             "unused": list(self.unused),
+            "aliases": dict(self.aliases),
         }
 
     def to_json(self, **json_kwargs: Any) -> str:
@@ -471,17 +476,25 @@ class MergeSpec:
         SpecError
             If the dictionary is not a spec of a supported format version.
         """
+        if not isinstance(d, Mapping):
+            raise SpecError(f"a merge spec must be a JSON object, got {type(d).__name__}")
         if d.get("format") != "autoalign.MergeSpec":
             raise SpecError("not an autoalign merge spec (missing 'format': 'autoalign.MergeSpec')")
         if d.get("version") != SPEC_FORMAT_VERSION:
             raise SpecError(f"unsupported spec version {d.get('version')!r}; this autoalign reads {SPEC_FORMAT_VERSION}")
-        return cls(
-            points=[MergePoint.from_dict(p) for p in d["points"]],
-            axes=[AxisRole.from_dict(a) for a in d["axes"]],
-            folds=[FoldedNorm.from_dict(f) for f in d.get("folds", [])],
-            unused=list(d.get("unused", [])),
-            model_class=d.get("model_class", ""),
-        )
+        try:
+            return cls(
+                points=[MergePoint.from_dict(p) for p in d["points"]],
+                axes=[AxisRole.from_dict(a) for a in d["axes"]],
+                folds=[FoldedNorm.from_dict(f) for f in d.get("folds", [])],
+                unused=list(d.get("unused", [])),
+                model_class=d.get("model_class", ""),
+                aliases=dict(d.get("aliases", {})),
+            )
+        except SpecError:
+            raise
+        except (KeyError, TypeError, AttributeError, ValueError, IndexError) as exc:
+            raise SpecError(f"malformed merge spec: {type(exc).__name__}: {exc}") from None
 
     @classmethod
     def from_json(cls, text: str) -> "MergeSpec":

@@ -301,15 +301,19 @@ def collect_stats(
         raise MergeError("the calibration data yielded no batch")
     _all_reduce(sums, squares, cross, count)
     out = {}
+    short = []
     for name in sums:
         n = count[name]
         if n < spec.point(name).dim:
-            warnings.warn(
-                f"merge point {name!r}: {n} samples for {spec.point(name).dim} features; statistics are rank-deficient "
-                f"(use more calibration data)",
-                stacklevel=2,
-            )
+            short.append((n / spec.point(name).dim, name, n, spec.point(name).dim))
         out[name] = PointStats(n, sums[name], squares[name], cross[name])
+    if short:
+        _, name, n, d = min(short)
+        warnings.warn(
+            f"{len(short)} merge point(s) have fewer samples than features, so their statistics are rank-deficient "
+            f"(worst: {name!r}, {n} samples for {d} features); use more calibration data",
+            stacklevel=2,
+        )
     return Stats(out, pairs, n_models, batches)
 
 

@@ -180,11 +180,6 @@ def test_from_json_rejects_garbage_with_spec_error(text):
         MergeSpec.from_json(text)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="MergeSpec.from_dict assumes a dict with every key present: valid JSON that is not an object, "
-    "or a spec missing required fields, raises AttributeError/KeyError/TypeError instead of SpecError",
-)
 @pytest.mark.parametrize(
     "text",
     [
@@ -310,12 +305,6 @@ def test_check_catches_a_dropped_grouped_block():
     assert autoalign.check(net, x, spec=_rebuild(spec, axes=kept)).ok is False
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tensor constants created in forward become '_tensor_constantN' buffers of the traced "
-    "GraphModule; discovery treats them as model parameters and names them in the spec, although "
-    "they are not in the model's state dict (check/transform_state_dict raise SpecError)",
-)
 def test_spec_names_only_keys_of_the_model_state_dict():
     class Net(nn.Module):
         def __init__(self):

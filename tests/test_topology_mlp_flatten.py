@@ -335,12 +335,6 @@ def test_tied_weights_permutation_check_passes():
     _assert_check(net, t)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="tied parameters are not detected: emb.weight (axis 1 output) and head.weight (axis 1 input) "
-    "are the same tensor, so only orthogonal maps keep them consistent, but the point is declared "
-    "linear; a dense transform writes two different values into the one shared parameter",
-)
 def test_tied_weights_take_a_transform_of_the_declared_kind_exactly():
     torch.manual_seed(0)
     net = TiedEmbedding().double()

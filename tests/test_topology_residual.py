@@ -135,11 +135,6 @@ def test_projection_shortcut_joins_the_stream():
     assert report.ok, str(report)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="discover.assemble lists only the owner of each component's smallest id as a producer, "
-    "so convs that join a residual stream through an add are missing from MergePoint.producers",
-)
 def test_stream_point_lists_every_producer():
     net, x = _model(projection=True)
     spec = autoalign.find_merge_points(net, x)

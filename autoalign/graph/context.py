@@ -79,6 +79,7 @@ class LabelState:
     origins: dict[fx.Node, ParamOrigin] = field(default_factory=dict)
     touched: set[str] = field(default_factory=set)
     param_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)
+    aliases: dict[str, str] = field(default_factory=dict)
     output_sites: list[tuple[str, int]] = field(default_factory=list)
     projected_sites: list[tuple[str, int, str, str | None, torch.Tensor]] = field(default_factory=list)
 
@@ -324,10 +325,18 @@ class RuleContext:
             return
         labels = labels.reshape(-1).to(torch.int64)
         self.state.touched.add(key)
+        key = self.state.aliases.get(key, key)
+        self.state.touched.add(key)
         slot = (key, axis, block)
         prev = self.state.roles.get(slot)
         if prev is None:
             self.state.roles[slot] = _Role(key, axis, role, labels.clone(), block, self.node.name)
+            return
+        if prev.labels.shape == labels.shape and {prev.role, role} == {"output", "input"}:
+            # a tied weight that produces and consumes the same coordinates (embedding
+            # and output layer): W M^T and W M^{-1} agree only for orthogonal M
+            self.union(prev.labels, labels)
+            self.restrict(torch.cat([prev.labels, labels]), "orthogonal", f"{self.describe()}: {key} is tied (used as producer and consumer)")
             return
         if prev.labels.shape != labels.shape or prev.role != role:
             self.freeze([prev.labels, labels], f"{self.describe()}: {key} is used twice in incompatible ways")

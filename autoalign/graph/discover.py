@@ -71,13 +71,25 @@ def _occurrence(lab: Any, state: LabelState) -> None:
             _occurrence(x, state)
 
 
-def analyse(gm: fx.GraphModule, example_inputs: Any, *, strict: bool = False) -> LabelState:
-    """Run the label analysis over a traced graph (step 1 above)."""
+def analyse(
+    gm: fx.GraphModule, example_inputs: Any, *, strict: bool = False, keys: set[str] | None = None
+) -> LabelState:
+    """Run the label analysis over a traced graph (step 1 above).
+
+    ``keys`` are the state-dict keys of the original model; tensors the tracer
+    added (``_tensor_constantN``) are treated as constants, not parameters.
+    """
     rules.register_torchvision_rules()
     inputs = list(as_input_tuple(example_inputs))
     state = LabelState(gm, strict=strict)
+    canonical: dict[int, str] = {}
     for k, v in gm.state_dict(keep_vars=True).items():
+        if keys is not None and k not in keys:
+            continue
         state.param_shapes[k] = tuple(v.shape)
+        first = canonical.setdefault(id(v), k)
+        if first != k:
+            state.aliases[k] = first
     interp = fx.Interpreter(gm)
     with torch.no_grad(), eval_mode(gm):
         for node in gm.graph.nodes:
@@ -284,9 +296,17 @@ def assemble(state: LabelState, model: nn.Module | None = None) -> MergeSpec:
                     sites[p].append(Site(node_name, axis, idx, "projected", wkey, bkey))
                     site_seen.add((p, node_name + wkey))
 
+    # every producer whose coordinates ended up in a point (residual streams have several)
+    point_of_id = comp_point[comp[ids]]
+    owner_of_id = np.searchsorted(np.asarray(starts), ids, side="right") - 1
+    producer_sets: list[dict[str, None]] = [{} for _ in groups]
+    for p, o in np.unique(np.stack([point_of_id, owner_of_id], 1), axis=0).tolist():
+        if p >= 0:
+            producer_sets[p][state.owners[o][2]] = None
     points = []
     for p, cs in enumerate(groups):
-        producers = tuple(dict.fromkeys(owner(int(min_id[c])) for c in cs))
+        first = owner(int(min_id[cs[0]]))
+        producers = tuple([first] + [o for o in producer_sets[p] if o != first])
         points.append(
             MergePoint(
                 name=names[p],
@@ -304,12 +324,17 @@ def assemble(state: LabelState, model: nn.Module | None = None) -> MergeSpec:
     cls = type(model) if model is not None else None
     model_class = f"{cls.__module__}.{cls.__qualname__}" if cls is not None else ""
     axes.sort(key=lambda a: (all_keys.index(a.tensor) if a.tensor in all_keys else len(all_keys), a.axis, a.block or ()))
-    return MergeSpec(points=points, axes=axes, folds=list(state.folds), unused=unused, model_class=model_class)
+    unused = [k for k in unused if k not in state.aliases]
+    return MergeSpec(
+        points=points, axes=axes, folds=list(state.folds), unused=unused, model_class=model_class,
+        aliases={a: c for a, c in state.aliases.items()},
+    )
 
 
 def discover(gm: fx.GraphModule, example_inputs: Any, *, strict: bool = False, model: nn.Module | None = None) -> MergeSpec:
     """Discover the merge points of an already traced graph."""
-    state = analyse(gm, example_inputs, strict=strict)
+    keys = set(model.state_dict(keep_vars=True)) if model is not None else None
+    state = analyse(gm, example_inputs, strict=strict, keys=keys)
     return assemble(state, model if model is not None else gm)
 
 
