@@ -22,7 +22,9 @@ REPRESENTATIVES = [
     "shufflenet_v2_x0_5", "squeezenet1_1", "swin_t", "vgg11_bn", "vit_b_32", "wide_resnet50_2",
 ]
 ALL = torchvision_classifiers()
-FLOAT32_CHAOTIC = {"efficientnet_v2_l"}
+FLOAT32_CHAOTIC = {
+    "efficientnet_v2_l", "resnet101", "resnet152", "resnext101_32x8d", "resnext101_64x4d", "wide_resnet101_2",
+}
 
 
 def _check(name: str) -> None:
