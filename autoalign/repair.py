@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .errors import MergeError
-from .stats import default_input_fn
-from .trace import as_input_tuple, eval_mode
+from .stats import default_input_fn, iter_model_inputs
+from .trace import eval_mode
 
 __all__ = ["reset_bn", "has_batchnorm", "batchnorm_output_stats", "set_batchnorm_affine"]
 
@@ -71,10 +71,7 @@ def reset_bn(
 
             it = tqdm(data, desc="reset_bn", unit="batch", leave=False)
         with torch.no_grad():
-            for batch in it:
-                if num_batches is not None and seen >= num_batches:
-                    break
-                inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in as_input_tuple(fn(batch)))
+            for inputs in iter_model_inputs(it, input_fn=fn, num_batches=num_batches, device=dev):
                 model(*inputs)
                 seen += 1
     finally:
@@ -125,15 +122,10 @@ def batchnorm_output_stats(
         for name in names:
             hooks.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
         dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
-        seen = 0
         try:
             with torch.no_grad(), eval_mode(model):
-                for batch in data:
-                    if num_batches is not None and seen >= num_batches:
-                        break
-                    inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in as_input_tuple(fn(batch)))
+                for inputs in iter_model_inputs(data, input_fn=fn, num_batches=num_batches, device=dev):
                     model(*inputs)
-                    seen += 1
         finally:
             for h in hooks:
                 h.remove()

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx as fx
@@ -43,6 +43,22 @@ def default_input_fn(batch: Any) -> tuple[Any, ...]:
                 return (batch[k],)
         raise MergeError(f"cannot find the model input in a batch dict with keys {sorted(batch)}; pass input_fn=")
     raise MergeError(f"cannot use a batch of type {type(batch).__name__} as model input; pass input_fn=")
+
+
+def iter_model_inputs(
+    data: Iterable[Any],
+    *,
+    input_fn: Callable[[Any], Any] | None = None,
+    num_batches: int | None = None,
+    device: torch.device | str,
+) -> Iterator[tuple[Any, ...]]:
+    """Model inputs of the first ``num_batches`` batches, tensors moved to ``device``."""
+    fn = input_fn or default_input_fn
+    dev = torch.device(device)
+    for seen, batch in enumerate(data):
+        if num_batches is not None and seen >= num_batches:
+            return
+        yield tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in as_input_tuple(fn(batch)))
 
 
 def pairs_for(needs: str, n_models: int, reference: int) -> list[tuple[int, int]]:

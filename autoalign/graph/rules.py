@@ -24,10 +24,6 @@ from .registry import register_channel_rule
 # ----------------------------------------------------------------------------- helpers
 
 
-def _first_tensor_label(ctx: RuleContext) -> Any:
-    return ctx.label(ctx.arg(0, "input"))
-
-
 def pointwise(ctx: RuleContext) -> Any:
     """Elementwise op with one feature input (activations, dropout, casts): labels pass."""
     a = ctx.arg(0, "input")
@@ -166,7 +162,7 @@ def _spatial(k: int):
 # ----------------------------------------------------------------------------- producers
 
 
-def _producer_out(ctx: RuleContext, n: int, shape: Sequence[int], axis: int, groups: int = 1) -> torch.Tensor:
+def _producer_out(ctx: RuleContext, n: int, groups: int = 1) -> torch.Tensor:
     ids = ctx.fresh(n)
     if groups > 1:
         for g in ids.chunk(groups):
@@ -180,7 +176,7 @@ def _linear_like(ctx: RuleContext, x: Any, wkey: str | None, bkey: str | None, o
     ctx.role(wkey, 1, "input", vec)
     if vec is not None:
         ctx.site(x, -1)
-    ids = _producer_out(ctx, out_features, ctx.out.shape, -1)
+    ids = _producer_out(ctx, out_features)
     ctx.role(wkey, 0, "output", ids)
     ctx.role(bkey, 0, "output", ids)
     ctx.state.producers[ctx.node.name] = (wkey, bkey, ids)
@@ -251,7 +247,7 @@ def _conv_like(
             for g, part in enumerate(vec.chunk(groups)):
                 ctx.group(part)
                 ctx.role(wkey, 1, "input", part, block=(0, g * og, (g + 1) * og))
-    ids = _producer_out(ctx, cout, ctx.out.shape, 1, groups)
+    ids = _producer_out(ctx, cout, groups)
     ctx.role(wkey, 0, "output", ids)
     ctx.role(bkey, 0, "output", ids)
     ctx.state.producers[ctx.node.name] = (wkey, bkey, ids)
@@ -263,8 +259,6 @@ def _conv_like(
 def conv_module(ctx: RuleContext) -> Any:
     m = ctx.module
     assert isinstance(m, nn.modules.conv._ConvNd)
-    if m.padding_mode != "zeros" and m.padding_mode != "circular" and m.padding_mode != "reflect" and m.padding_mode != "replicate":
-        return unknown(ctx)
     return _conv_like(
         ctx, ctx.arg(0, "input"), ctx.module_key("weight"), ctx.module_key("bias"), m.weight.shape, m.groups, m.transposed
     )
@@ -277,8 +271,7 @@ def _conv_function(transposed: bool):
         bkey = ctx.param_key(b) if isinstance(b, fx.Node) else None
         if wkey is None or (isinstance(b, fx.Node) and bkey is None):
             return unknown(ctx, f"{ctx.describe()}: convolution whose weight or bias is not a parameter")
-        gi = 6 if transposed else 6
-        groups = ctx.value(ctx.arg(gi, "groups", 1))
+        groups = ctx.value(ctx.arg(6, "groups", 1))  # position 6 in conv*d and conv_transpose*d
         return _conv_like(ctx, ctx.arg(0, "input"), wkey, bkey, ctx.value(w).shape, int(groups), transposed)
 
     return rule
@@ -570,11 +563,7 @@ register_channel_rule(
 )
 
 
-def _rsub(ctx: RuleContext) -> Any:
-    return _elementwise("add")(ctx)
-
-
-register_channel_rule(torch.rsub, _rsub)
+register_channel_rule(torch.rsub, _elementwise("add"))
 
 
 # ----------------------------------------------------------------------------- reductions and softmax
