@@ -58,6 +58,22 @@ def fold_batchnorm(
     BatchNorm becomes an identity normalisation (weight 1, running mean 0, running
     variance ``1 - eps``) whose bias holds ``s (b - mean) + beta``; the producer's
     own bias, if any, becomes 0. In eval mode the function is unchanged.
+
+    Examples
+    --------
+    >>> import copy, torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    >>> _ = torch.nn.init.uniform_(net[1].weight)
+    >>> _ = net[1].running_var.uniform_(0.5, 2.0)
+    >>> x = torch.randn(2, 3, 8, 8)
+    >>> spec = autoalign.find_merge_points(net, x)
+    >>> folded = copy.deepcopy(net)
+    >>> folded.load_state_dict(autoalign.fold_batchnorm(net.state_dict(), spec))
+    <All keys matched successfully>
+    >>> folded[1].weight.tolist(), folded[1].running_mean.tolist()
+    ([1.0, 1.0, 1.0, 1.0], [0.0, 0.0, 0.0, 0.0])
+    >>> torch.allclose(net(x), folded(x), atol=1e-5)
+    True
     """
     sd = dict(state_dict)
     for f in spec.folds if folds is None else folds:
@@ -252,6 +268,33 @@ def average_state_dicts(
     Floating-point tensors are averaged with ``weights`` (uniform by default,
     normalised to sum to one); integer tensors (e.g. ``num_batches_tracked``) are
     taken from the first state dict.
+
+    Parameters
+    ----------
+    state_dicts : sequence of mapping of str to Tensor
+        At least one state dict; all with the keys and shapes of the first.
+    weights : sequence of float, optional
+        One non-negative weight per state dict (normalised here).
+
+    Returns
+    -------
+    dict of str to Tensor
+        A new state dict with the first one's key order and dtypes.
+
+    Raises
+    ------
+    ValueError
+        For an empty list or a wrong number of weights.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> a = {"w": torch.tensor([0.0, 2.0]), "steps": torch.tensor(3)}
+    >>> b = {"w": torch.tensor([2.0, 4.0]), "steps": torch.tensor(5)}
+    >>> dict(autoalign.average_state_dicts([a, b]))
+    {'w': tensor([1., 3.]), 'steps': tensor(3)}
+    >>> autoalign.average_state_dicts([a, b], weights=[3, 1])["w"]
+    tensor([0.5000, 2.5000])
     """
     if not state_dicts:
         raise ValueError("average_state_dicts needs at least one state dict")

@@ -97,6 +97,17 @@ class Site:
     weight, bias : str or None
         State-dict keys of the projection of a ``"projected"`` site; ``index``
         then indexes the projection's output features.
+
+    Examples
+    --------
+    The hidden features of a small MLP are observed where the second Linear
+    reads them (the ReLU's output, axis 1):
+
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> site = autoalign.find_merge_points(net, torch.randn(5, 3)).point("0").sites[0]
+    >>> site.kind, site.axis, site.index.tolist()
+    ('input', 1, [[0, 1, 2, 3]])
     """
 
     node: str
@@ -145,6 +156,17 @@ class MergePoint:
         Nodes that create the point's coordinates.
     sites : tuple of Site
         Tensors where the point's features are observed (consumer inputs first).
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> spec = autoalign.find_merge_points(net, torch.randn(5, 3))
+    >>> hidden, out = spec.points
+    >>> hidden.name, hidden.dim, hidden.kind, hidden.producers
+    ('0', 4, 'linear', ('0',))
+    >>> out.kind, out.reason, out.io
+    ('frozen', 'model output', True)
     """
 
     name: str
@@ -230,6 +252,20 @@ class AxisRole:
     block : tuple of (int, int, int) or None
         ``(other_axis, start, stop)``: the role applies only to that slice of
         another axis (grouped convolutions, fused q/k/v projections).
+
+    Examples
+    --------
+    The hidden point of a small MLP owns the rows of the first layer and the
+    columns of the second:
+
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> spec = autoalign.find_merge_points(net, torch.randn(5, 3))
+    >>> [(ax.tensor, ax.axis, ax.role) for ax in spec.axes_of("0")]
+    [('0.weight', 0, 'output'), ('0.bias', 0, 'output'), ('2.weight', 1, 'input')]
+    >>> ax = spec.axes_of("0")[2]
+    >>> ax.point_of.tolist(), ax.local_of.tolist(), ax.index(0, 4).tolist()
+    ([0, 0, 0, 0], [0, 1, 2, 3], [[0, 1, 2, 3]])
     """
 
     tensor: str
@@ -313,6 +349,15 @@ class FoldedNorm:
         The BatchNorm statistics.
     eps : float
         The BatchNorm epsilon.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+    ...                           torch.nn.Conv2d(4, 2, 1))
+    >>> (fold,) = autoalign.find_merge_points(net, torch.randn(2, 3, 8, 8)).folds
+    >>> fold.producer_weight, fold.running_mean, fold.eps
+    ('0.weight', '1.running_mean', 1e-05)
     """
 
     producer_weight: str

@@ -45,6 +45,16 @@ class CheckReport:
         Number of points that were permuted (the non-frozen ones).
     spec : MergeSpec
         The spec that was checked.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    >>> report = autoalign.check(net, torch.randn(5, 3))
+    >>> report.ok, report.permuted, report.points, report.coverage
+    (True, 1, 2, 1.0)
+    >>> print(report)  # doctest: +ELLIPSIS
+    self-check ok: max |Δ| = ... (tolerance 0.0001); 1/2 merge points permuted; coverage 1.000
     """
 
     ok: bool

@@ -156,6 +156,34 @@ class RuleContext:
         The called module for ``call_module`` nodes.
     out : Any
         The node's real output (computed on the example inputs).
+
+    Examples
+    --------
+    A custom activation kept opaque with ``leaf_modules`` has no rule, so the
+    coordinates it touches are frozen; a rule that passes the labels of its
+    input through (it acts elementwise) makes the point ``linear`` again:
+
+    >>> import torch, autoalign
+    >>> class Swish(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.beta = torch.nn.Parameter(torch.ones(()))
+    ...     def forward(self, x):
+    ...         return x * torch.sigmoid(self.beta * x)
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), Swish(), torch.nn.Linear(4, 2))
+    >>> x = torch.randn(5, 3)
+    >>> autoalign.find_merge_points(net, x, leaf_modules=[Swish]).point("0").kind
+    'frozen'
+    >>> seen = []
+    >>> @autoalign.register_channel_rule(Swish, replace=True)
+    ... def swish_rule(ctx):
+    ...     seen.append((ctx.name, type(ctx.module).__name__, tuple(ctx.out.shape)))
+    ...     ctx.touch(ctx.module_key("beta"))    # a scalar: no feature axis
+    ...     return ctx.label(ctx.arg(0))         # output coordinates = input coordinates
+    >>> autoalign.find_merge_points(net, x, leaf_modules=[Swish]).point("0").kind
+    'linear'
+    >>> seen
+    [('1', 'Swish', (5, 4))]
     """
 
     def __init__(self, state: LabelState, node: fx.Node, out: Any) -> None:

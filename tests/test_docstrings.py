@@ -1,0 +1,80 @@
+"""Every public function and class has a numpy-style docstring with a runnable example.
+
+The objects checked are everything in ``autoalign.__all__`` that is callable
+(functions and classes; for a class, the class docstring itself, not an
+inherited one) plus :func:`autoalign.testing.check_aligner`. Each docstring must
+have an ``Examples`` section, and its examples are run as doctests.
+"""
+
+from __future__ import annotations
+
+import doctest
+import inspect
+import re
+
+import pytest
+
+import autoalign
+import autoalign.testing
+from autoalign.aligners import registry as aligner_registry
+from autoalign.graph import registry as rule_registry
+
+_EXAMPLES = re.compile(r"^Examples\n-{3,}\n", re.M)
+_FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
+
+
+def _public_objects() -> dict[str, object]:
+    out = {}
+    for name in autoalign.__all__:
+        obj = getattr(autoalign, name)
+        if inspect.ismodule(obj) or not callable(obj):
+            continue
+        out[f"autoalign.{name}"] = obj
+    out["autoalign.testing.check_aligner"] = autoalign.testing.check_aligner
+    return out
+
+
+PUBLIC = _public_objects()
+
+
+def _own_docstring(obj: object) -> str:
+    """The object's own docstring (a class does not inherit its base's here)."""
+    doc = obj.__dict__.get("__doc__") if inspect.isclass(obj) else getattr(obj, "__doc__", None)
+    return inspect.cleandoc(doc) if isinstance(doc, str) else ""
+
+
+@pytest.fixture
+def restore_registries():
+    """Examples may register aligners or channel rules: undo that afterwards."""
+    aligners = dict(aligner_registry._REGISTRY)
+    tables = [rule_registry._MODULE_RULES, rule_registry._FUNCTION_RULES, rule_registry._METHOD_RULES]
+    saved = [dict(t) for t in tables]
+    yield
+    aligner_registry._REGISTRY.clear()
+    aligner_registry._REGISTRY.update(aligners)
+    for table, old in zip(tables, saved):
+        table.clear()
+        table.update(old)
+
+
+def test_the_list_of_public_objects_is_complete():
+    assert "autoalign.merge" in PUBLIC and "autoalign.MergeSpec" in PUBLIC
+    assert len(PUBLIC) == len([n for n in autoalign.__all__ if n != "aligners"]) + 1
+
+
+@pytest.mark.parametrize("name", sorted(PUBLIC))
+def test_public_docstring_has_examples_that_run(name, restore_registries):
+    obj = PUBLIC[name]
+    doc = _own_docstring(obj)
+    assert doc, f"{name} has no docstring"
+    assert _EXAMPLES.search(doc), f"{name}'s docstring has no numpy-style 'Examples' section"
+    # only the object's own docstring: methods are not collected (recurse=False)
+    tests = doctest.DocTestFinder(recurse=False).find(obj, name, globs={})
+    examples = [ex for t in tests for ex in t.examples]
+    assert examples, f"{name}'s 'Examples' section has no '>>>' example"
+    runner = doctest.DocTestRunner(optionflags=_FLAGS)
+    report: list[str] = []
+    for t in tests:
+        runner.run(t, out=report.append)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} doctest examples failed\n" + "".join(report)
