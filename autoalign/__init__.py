@@ -17,7 +17,17 @@ from .aligners import (
     register_aligner,
 )
 from .apply import average_state_dicts, fold_batchnorm, transform_state_dict
-from .errors import AutoalignError, MergeError, SpecError, TraceError, UnsupportedOpError
+from .errors import (
+    AutoalignError,
+    DataError,
+    MergeError,
+    ModelError,
+    NonFiniteError,
+    OptionError,
+    SpecError,
+    TraceError,
+    UnsupportedOpError,
+)
 from .graph import RuleContext, find_merge_points, register_channel_rule
 from .spec import AxisRole, FoldedNorm, MergePoint, MergeSpec, Site
 from .testing import CheckReport, check
@@ -46,6 +56,10 @@ __all__ = [
     "register_aligner",
     "reset_bn",
     "AutoalignError",
+    "DataError",
+    "ModelError",
+    "NonFiniteError",
+    "OptionError",
     "AxisRole",
     "CheckReport",
     "FoldedNorm",

@@ -23,11 +23,20 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import MergeError
+from .errors import DataError, MergeError, NonFiniteError
+from .validate import NO_BATCH, batch_error
 from .spec import MergePoint, MergeSpec, Site
 from .trace import as_input_tuple, eval_mode, trace
 
-__all__ = ["PointStats", "Stats", "collect_stats", "default_input_fn", "pairs_for"]
+__all__ = [
+    "PointStats",
+    "Stats",
+    "all_reduce_moments",
+    "collect_stats",
+    "default_input_fn",
+    "pairs_for",
+    "sync_batchnorm_stats",
+]
 
 
 def default_input_fn(batch: Any) -> tuple[Any, ...]:
@@ -41,8 +50,8 @@ def default_input_fn(batch: Any) -> tuple[Any, ...]:
         for k in ("input", "inputs", "image", "images", "x", "pixel_values"):
             if k in batch:
                 return (batch[k],)
-        raise MergeError(f"cannot find the model input in a batch dict with keys {sorted(batch)}; pass input_fn=")
-    raise MergeError(f"cannot use a batch of type {type(batch).__name__} as model input; pass input_fn=")
+        raise DataError(f"cannot find the model input in a batch dict with keys {sorted(batch)}; pass input_fn=")
+    raise DataError(f"cannot use a batch of type {type(batch).__name__} as model input; pass input_fn=")
 
 
 def iter_model_inputs(
@@ -290,15 +299,19 @@ def collect_stats(
             for m, fm in enumerate(feats_mods):
                 try:
                     vals = fm(*inputs)
-                except Exception as exc:  # noqa: BLE001
-                    raise MergeError(f"model {m} cannot consume a calibration batch: {type(exc).__name__}: {exc}") from exc
+                except Exception as exc:  # noqa: BLE001 - re-raised naming the batch
+                    raise DataError(batch_error(models[m], inputs, batches, exc, who=f"model {m}")) from exc
                 outs.append(dict(zip(node_names, vals)))
             for p in wanted:
                 sites = site_lists[p.name]
                 xs = [torch.cat([_features(outs[m][s.node], s, params[m]) for s in sites]) for m in range(n_models)]
                 for m, x in enumerate(xs):
                     if not bool(torch.isfinite(x).all()):
-                        raise MergeError(f"model {m} has NaN/Inf features at merge point {p.name!r}")
+                        raise NonFiniteError(
+                            f"model {m} has NaN/Inf features at merge point {p.name!r} (node(s) "
+                            f"{sorted({s.node for s in sites})}) on calibration batch {batches}; check the data for "
+                            "NaN/Inf and the model for overflow (e.g. float16 activations: compute in float32)"
+                        )
                 if p.name not in sums:
                     d = p.dim
                     z = dict(dtype=torch.float64, device=xs[0].device)
@@ -313,8 +326,18 @@ def collect_stats(
                     acc += xs[i].T @ xs[j]
                 count[p.name] += xs[0].shape[0]
             batches += 1
-    if batches == 0:
-        raise MergeError("the calibration data yielded no batch")
+    if _all_reduce_int(batches) == 0:
+        raise DataError(NO_BATCH)
+    if _distributed():
+        # a process whose shard was empty still takes part in the all-reduce, with zeros
+        dev = torch.device(device) if device is not None else _device_of(models[0])
+        z = dict(dtype=torch.float64, device=dev)
+        for p in wanted:
+            if p.name not in sums:
+                sums[p.name] = [torch.zeros(p.dim, **z) for _ in range(n_models)]
+                squares[p.name] = [torch.zeros(p.dim, p.dim, **z) for _ in range(n_models)]
+                cross[p.name] = {pair: torch.zeros(p.dim, p.dim, **z) for pair in pairs}
+                count[p.name] = 0
     _all_reduce(sums, squares, cross, count)
     out = {}
     short = []
@@ -339,15 +362,114 @@ def _device_of(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _all_reduce(sums: dict, squares: dict, cross: dict, count: dict) -> None:
-    """Sum the statistics over processes when ``torch.distributed`` is initialised."""
+def _distributed() -> bool:
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
+    return bool(dist.is_available() and dist.is_initialized())
+
+
+def _all_reduce_int(value: int) -> int:
+    """``value`` summed over processes (itself when not distributed)."""
+    if not _distributed():
+        return value
+    import torch.distributed as dist
+
+    t = torch.tensor([float(value)], dtype=torch.float64, device=_collective_device())
+    dist.all_reduce(t)
+    return int(t.item())
+
+
+def _collective_device() -> torch.device:
+    import torch.distributed as dist
+
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_reduce(sums: dict, squares: dict, cross: dict, count: dict) -> None:
+    """Sum the statistics over processes when ``torch.distributed`` is initialised.
+
+    Every process reduces the same tensors in the same (sorted) order, so the
+    sums — and the plans solved from them — are identical on every process.
+    """
+    if not _distributed():
         return
+    import torch.distributed as dist
+
     for name in sorted(sums):
         for t in sums[name] + squares[name] + [cross[name][k] for k in sorted(cross[name])]:
             dist.all_reduce(t)
         c = torch.tensor([count[name]], dtype=torch.float64, device=sums[name][0].device)
         dist.all_reduce(c)
         count[name] = int(c.item())
+
+
+def all_reduce_moments(acc: dict[str, list[Any]]) -> None:
+    """Sum per-channel moments ``{name: [count, Σ y, Σ y²]}`` over processes, in place.
+
+    A no-op unless ``torch.distributed`` is initialised. Every process must hold
+    the same names (every process feeds at least one batch). Used to make
+    statistics that repair code accumulates on each process's shard global.
+
+    Examples
+    --------
+    >>> import torch
+    >>> acc = {"bn": [4, torch.ones(3), torch.ones(3)]}
+    >>> all_reduce_moments(acc)  # not distributed: unchanged
+    >>> acc["bn"][0]
+    4
+    """
+    if not _distributed():
+        return
+    import torch.distributed as dist
+
+    for name in sorted(acc):
+        cnt, s, q = acc[name]
+        s = torch.as_tensor(s, dtype=torch.float64).clone()
+        q = torch.as_tensor(q, dtype=torch.float64).clone()
+        c = torch.tensor([float(cnt)], dtype=torch.float64, device=s.device)
+        for t in (c, s, q):
+            dist.all_reduce(t)
+        acc[name] = [int(c.item()), s, q]
+
+
+def sync_batchnorm_stats(model: nn.Module) -> nn.Module:
+    """Make BatchNorm running statistics estimated by :func:`autoalign.reset_bn`
+    on each process's shard equal to those of one pass over all shards.
+
+    ``reset_bn`` (``momentum=None``) leaves every BatchNorm with the average of
+    its per-batch means and variances over the ``k`` batches it saw
+    (``num_batches_tracked``). Averaging over processes weighted by ``k`` gives
+    exactly the single-process average over all batches. A no-op unless
+    ``torch.distributed`` is initialised; returns ``model``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.BatchNorm1d(3)
+    >>> sync_batchnorm_stats(net) is net  # not distributed: unchanged
+    True
+    """
+    if not _distributed():
+        return model
+    import torch.distributed as dist
+
+    for _, bn in sorted(model.named_modules(), key=lambda kv: kv[0]):
+        if not (isinstance(bn, nn.modules.batchnorm._BatchNorm) and bn.track_running_stats and bn.running_mean is not None):
+            continue
+        k = float(bn.num_batches_tracked) if bn.num_batches_tracked is not None else 1.0
+        mean = bn.running_mean.detach().to(torch.float64) * k
+        var = bn.running_var.detach().to(torch.float64) * k
+        kt = torch.tensor([k], dtype=torch.float64, device=mean.device)
+        for t in (kt, mean, var):
+            dist.all_reduce(t)
+        total = float(kt.item())
+        if total <= 0:
+            continue
+        with torch.no_grad():
+            bn.running_mean.copy_((mean / total).to(bn.running_mean.dtype))
+            bn.running_var.copy_((var / total).to(bn.running_var.dtype))
+            if bn.num_batches_tracked is not None:
+                bn.num_batches_tracked.fill_(int(round(total)))
+    return model

@@ -12,12 +12,14 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
+import inspect
 import warnings
 from typing import Any, Callable, TypeVar
 
+from ..errors import OptionError
 from .base import Aligner
 
-__all__ = ["register_aligner", "get_aligner", "list_aligners", "describe_aligners", "ENTRY_POINT_GROUP"]
+__all__ = ["register_aligner", "get_aligner", "list_aligners", "describe_aligners", "aligner_options", "reload_plugins", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "autoalign.aligners"
 _REGISTRY: dict[str, type[Aligner]] = {}
@@ -102,37 +104,105 @@ def describe_aligners() -> dict[str, str]:
     return {n: (_REGISTRY[n].description or (_REGISTRY[n].__doc__ or "").strip().split("\n")[0]) for n in sorted(_REGISTRY)}
 
 
+def aligner_options(cls: type[Aligner] | str) -> list[str] | None:
+    """The keyword options an aligner class takes (``None`` when it accepts any).
+
+    Examples
+    --------
+    >>> import autoalign
+    >>> autoalign.aligners.registry.aligner_options("cca")
+    ['ridge', 'ridge_mode']
+    >>> autoalign.aligners.registry.aligner_options("identity")
+    []
+    """
+    if isinstance(cls, str):
+        _load_plugins()
+        cls = _REGISTRY[cls]
+    init = cls.__init__
+    if init is Aligner.__init__:
+        return []
+    try:
+        params = list(inspect.signature(init).parameters.values())[1:]
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
+
+
+def _merge_arguments() -> list[str]:
+    try:
+        from ..merge import merge_with_report
+    except ImportError:  # pragma: no cover
+        return []
+    return [k for k in inspect.signature(merge_with_report).parameters if k not in ("models", "data", "aligner_options")]
+
+
+def _unknown_option_message(name: str, unknown: list[str], valid: list[str]) -> str:
+    parts = []
+    for u in unknown:
+        close = difflib.get_close_matches(u, valid, n=1)
+        if close:
+            parts.append(f"{u!r} (did you mean {close[0]!r}?)")
+            continue
+        close = difflib.get_close_matches(u, _merge_arguments(), n=1)
+        parts.append(f"{u!r}" + (f" (did you mean merge()'s argument {close[0]!r}?)" if close else ""))
+    what = "option" if len(unknown) == 1 else "options"
+    return (
+        f"aligner {name!r} has no {what} {', '.join(parts)}; valid options: {', '.join(valid) if valid else 'none'} "
+        "(merge() passes keyword arguments it does not know itself to the aligner, so check its own arguments' spelling too)"
+    )
+
+
 def get_aligner(name: str | Aligner | type[Aligner], **options: Any) -> Aligner:
     """An aligner instance by name (or pass an instance or class through).
 
     Raises
     ------
-    ValueError
-        For an unknown name: the message lists the choices and the closest match.
-    TypeError
-        For options the aligner does not take.
+    OptionError
+        For an unknown name (the message lists the choices and the closest
+        match), an option the aligner does not take (the message names it and
+        lists the valid ones) or an invalid option value. ``OptionError`` is a
+        ``TypeError`` and a ``ValueError``, as older versions raised.
 
     Examples
     --------
     >>> import autoalign
     >>> autoalign.get_aligner("cca", ridge=0.1)
     CCAAligner(ridge=0.1, ridge_mode='relative')
+    >>> try:
+    ...     autoalign.get_aligner("cca", ridg=0.1)
+    ... except autoalign.OptionError as exc:
+    ...     print(str(exc)[:73])
+    aligner 'cca' has no option 'ridg' (did you mean 'ridge'?); valid options
     """
     if isinstance(name, Aligner):
         if options:
-            raise TypeError("options cannot be given together with an aligner instance")
+            raise OptionError(
+                f"options {sorted(options)} cannot be given together with an aligner instance; "
+                f"configure the instance instead, e.g. {type(name).__name__}({', '.join(f'{k}=...' for k in sorted(options))})"
+            )
         return name
     if isinstance(name, type) and issubclass(name, Aligner):
-        return name(**options)
-    if not isinstance(name, str):
-        raise TypeError(f"aligner must be a name, an Aligner or an Aligner class, got {type(name).__name__}")
-    _load_plugins()
-    if name not in _REGISTRY:
-        close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown aligner {name!r}; choose one of {', '.join(sorted(_REGISTRY))}.{hint}")
-    cls = _REGISTRY[name]
+        cls, label = name, name.name or name.__name__
+    elif not isinstance(name, str):
+        raise OptionError(f"aligner must be a name, an Aligner or an Aligner class, got {type(name).__name__}")
+    else:
+        _load_plugins()
+        if name not in _REGISTRY:
+            close = difflib.get_close_matches(name, list(_REGISTRY), n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise OptionError(f"unknown aligner {name!r}; choose one of {', '.join(sorted(_REGISTRY))}.{hint}")
+        cls, label = _REGISTRY[name], name
+    valid = aligner_options(cls)
+    if valid is not None:
+        unknown = [k for k in options if k not in valid]
+        if unknown:
+            raise OptionError(_unknown_option_message(label, unknown, valid))
     try:
         return cls(**options)
-    except TypeError as exc:
-        raise TypeError(f"aligner {name!r}: {exc}") from None
+    except OptionError:
+        raise
+    except (TypeError, ValueError) as exc:
+        valid_txt = f" (valid options: {', '.join(valid) if valid else 'none'})" if valid is not None else ""
+        raise OptionError(f"aligner {label!r}: {exc}{valid_txt}") from None
