@@ -26,6 +26,9 @@ from .registry import register_aligner
 
 __all__ = ["CCAAligner", "cca_transform"]
 
+#: Eigenvalues of the ridged covariances are floored at this fraction of their mean.
+_EIG_FLOOR = 1e-12
+
 
 def cca_transform(
     cxx: torch.Tensor, cyy: torch.Tensor, cxy: torch.Tensor, *, ridge: float = 0.01, relative: bool = True
@@ -57,8 +60,11 @@ def cca_transform(
     gx = ridge * (torch.trace(cxx) / d if relative else 1.0)
     gy = ridge * (torch.trace(cyy) / d if relative else 1.0)
     sxx, syy = cxx + gx * eye, cyy + gy * eye
-    sxx_h, sxx_ih = sym_power(sxx, 0.5), sym_power(sxx, -0.5)
-    syy_h, syy_ih = sym_power(syy, 0.5), sym_power(syy, -0.5)
+    # eigenvalues floored relative to the mean one, so rank-deficient covariances (dead
+    # units, duplicated channels, fewer samples than channels) stay finite even at ridge=0
+    fx, fy = _EIG_FLOOR * float(torch.trace(sxx)) / d, _EIG_FLOOR * float(torch.trace(syy)) / d
+    sxx_h, sxx_ih = sym_power(sxx, 0.5, fx), sym_power(sxx, -0.5, fx)
+    syy_h, syy_ih = sym_power(syy, 0.5, fy), sym_power(syy, -0.5, fy)
     u, rho, vt = torch.linalg.svd(sxx_ih @ cxy @ syy_ih)
     t = sxx_h @ u @ vt @ syy_ih
     t_inv = syy_h @ vt.T @ u.T @ sxx_ih
