@@ -47,6 +47,8 @@ __all__ = [
     "make_config",
     "checkpoint_path",
     "default_hyperparameters",
+    "default_device",
+    "subset_indices",
     "main",
 ]
 
@@ -105,6 +107,7 @@ def make_config(
     batch_size: int,
     width: float | None = None,
     arch_kw: dict[str, Any] | None = None,
+    train_subset: int | None = None,
     **overrides: Any,
 ) -> dict[str, Any]:
     """The full training configuration (everything that determines the weights
@@ -120,6 +123,11 @@ def make_config(
         Generic width knob of :func:`benchmarks.models.build_model`.
     arch_kw : dict or None
         Extra constructor arguments.
+    train_subset : int or None
+        Train on a fixed random subset of this many training images (the same
+        subset for every seed, drawn with a fixed generator); ``None`` uses the
+        whole training set. Only recorded in the config when set, so configs
+        (and cached checkpoints) without it are unchanged.
     **overrides
         Any key of :func:`default_hyperparameters`; ``None`` values keep the default.
 
@@ -149,7 +157,25 @@ def make_config(
         "batch_size": int(batch_size),
         **hp,
     }
+    if train_subset is not None:
+        if int(train_subset) < 1:
+            raise ValueError(f"train_subset must be >= 1, got {train_subset!r}")
+        config["train_subset"] = int(train_subset)
     return _jsonable(config)
+
+
+TRAIN_SUBSET_SEED = 20240101
+
+
+def subset_indices(n_total: int, n_subset: int) -> torch.Tensor:
+    """The fixed training subset of ``n_subset`` out of ``n_total`` images (same for every seed)."""
+    g = torch.Generator().manual_seed(TRAIN_SUBSET_SEED)
+    return torch.randperm(n_total, generator=g)[: min(int(n_subset), n_total)]
+
+
+def default_device() -> str:
+    """``"cuda"`` when a GPU is visible, else ``"cpu"``."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
 
 
 def _config_hash(config: dict[str, Any]) -> str:
@@ -360,6 +386,7 @@ def train_models(
     warmup_frac: float | None = None,
     label_smoothing: float | None = None,
     augment: bool | None = None,
+    train_subset: int | None = None,
     force: bool = False,
     num_threads: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -388,6 +415,8 @@ def train_models(
         Checkpoint folder (created if needed).
     width : float or None
         Generic width knob of :func:`benchmarks.models.build_model`.
+    train_subset : int or None
+        Train on a fixed subset of this many training images (see :func:`make_config`).
     force : bool
         Retrain even when a checkpoint for the config and seed exists.
     num_threads : int or None
@@ -422,6 +451,7 @@ def train_models(
         warmup_frac=warmup_frac,
         label_smoothing=label_smoothing,
         augment=augment,
+        train_subset=train_subset,
     )
     dev = torch.device(device)
     out = pathlib.Path(out_dir)
@@ -441,6 +471,9 @@ def train_models(
         torch.set_num_threads(max(1, threads))
     try:
         train_data = load_dataset(config["dataset"], data_root=data_root, split="train", cache_dir=cache_dir)
+        if config.get("train_subset") is not None:
+            idx = subset_indices(len(train_data[1]), config["train_subset"])
+            train_data = (train_data[0][idx], train_data[1][idx])
         test_data = load_dataset(config["dataset"], data_root=data_root, split="test", cache_dir=cache_dir)
         test_loader = make_loader(*test_data, batch_size=512, shuffle=False, dataset=config["dataset"])
         for s, p in todo:
@@ -477,7 +510,8 @@ def _parser() -> argparse.ArgumentParser:
     aug.add_argument("--no-augment", dest="augment", action="store_false")
     p.add_argument("--data-root", default=None, help="data folder (default: $AUTOALIGN_DATA)")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default: $AUTOALIGN_CACHE or ~/.cache/autoalign)")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--train-subset", type=int, default=None, help="train on a fixed subset of this many training images")
+    p.add_argument("--device", default=default_device(), help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $AUTOALIGN_THREADS or 1)")
     p.add_argument("--out", default="checkpoints", help="checkpoint folder")
     p.add_argument("--force", action="store_true", help="retrain even if a cached checkpoint exists")
@@ -516,6 +550,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             schedule=args.schedule,
             label_smoothing=args.label_smoothing,
             augment=args.augment,
+            train_subset=args.train_subset,
             force=args.force,
             num_threads=args.threads,
             cache_dir=args.cache_dir,

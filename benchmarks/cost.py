@@ -1,0 +1,340 @@
+"""Cost of a merge against width d and number of models N: time and peak memory per phase.
+
+For MLPs ``in -> d -> d -> 10`` (random weights, one seed per model: cost does
+not depend on training) and random calibration inputs, every ``(d, N, aligner)``
+is measured in a fresh subprocess:
+
+* ``autoalign.merge_with_report(..., repair=None)`` — seconds of ``discover``,
+  ``statistics``, ``solve``, ``apply`` from ``report.timings`` (best of
+  ``--repeats``), and the peak memory of the whole merge;
+* ``autoalign.collect_stats`` alone — its peak memory, and the size of the
+  statistics it returns (``Stats.n_blocks() · d² · 8`` bytes plus the sums);
+* the *floor*: running the N models' forward passes over the same calibration
+  batches (no statistics), best of ``--repeats``;
+* ``ratio = statistics seconds / floor seconds``.
+
+Peak memory on CPU is the peak resident set size above the level just before the
+phase, sampled every millisecond from ``/proc/self/statm`` by a helper thread
+(``tracemalloc`` does not see PyTorch's tensor allocations, and
+``resource.getrusage`` only gives a process-lifetime maximum). On CUDA it is
+``torch.cuda.max_memory_allocated()`` above the level before the phase.
+
+Example (the "Cost" section of docs/results.md)::
+
+    nice -n 19 python benchmarks/cost.py --widths 128 256 512 1024 --n 2 4 8 \\
+        --aligners cca permutation --samples 5000 --threads 1 --out benchmarks/out/cost
+
+Writes ``cost.json``, ``cost.md`` and ``cost.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import torch
+
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+import autoalign  # noqa: E402
+
+__all__ = ["PeakMemory", "measure", "run_all", "to_markdown", "plot", "main"]
+
+PAGE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
+
+
+def _rss() -> int:
+    try:
+        with open("/proc/self/statm") as fh:
+            return int(fh.read().split()[1]) * PAGE
+    except OSError:  # not Linux: fall back to the lifetime maximum
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+class PeakMemory:
+    """Context manager: peak memory above the level at entry, in bytes (``.peak``).
+
+    CPU: resident set size sampled every ``interval`` seconds by a thread. CUDA:
+    ``torch.cuda.max_memory_allocated``.
+    """
+
+    def __init__(self, device: str = "cpu", interval: float = 0.001) -> None:
+        self.cuda = str(device).startswith("cuda")
+        self.interval = interval
+        self.peak = 0
+        self._stop = threading.Event()
+
+    def __enter__(self) -> "PeakMemory":
+        if self.cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            self.base = _rss()
+            self._max = self.base
+            self._thread = threading.Thread(target=self._poll, daemon=True)
+            self._thread.start()
+        return self
+
+    def _poll(self) -> None:
+        while not self._stop.is_set():
+            self._max = max(self._max, _rss())
+            time.sleep(self.interval)
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+            self.peak = torch.cuda.max_memory_allocated() - self.base
+        else:
+            self._stop.set()
+            self._thread.join()
+            self._max = max(self._max, _rss())
+            self.peak = self._max - self.base
+
+
+def _sync(device: str) -> None:
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _best_of(repeats: int, fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        out = fn()
+        _sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def make_models(width: int, n: int, in_features: int, device: str) -> list[torch.nn.Module]:
+    """``n`` MLPs ``in_features -> width -> width -> 10`` with different random initialisations."""
+    from benchmarks.models import MLP
+
+    models = []
+    for seed in range(n):
+        torch.manual_seed(seed)
+        models.append(MLP(in_features, (width, width), 10).to(device).eval())
+    return models
+
+
+def make_data(samples: int, batch: int, in_features: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Random calibration batches ``(x, y)`` (a list: re-iterable, already on ``device``)."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(samples, in_features, generator=g)
+    y = torch.randint(0, 10, (samples,), generator=g)
+    return [(x[i : i + batch].to(device), y[i : i + batch].to(device)) for i in range(0, samples, batch)]
+
+
+def forward_floor(models: Sequence[torch.nn.Module], data: Sequence[Any]) -> None:
+    """What statistics collection cannot beat: every model's forward pass over every batch."""
+    with torch.no_grad():
+        for x, _ in data:
+            for m in models:
+                m(x)
+
+
+def measure(
+    width: int,
+    n: int,
+    aligner: str,
+    *,
+    samples: int = 5000,
+    batch: int = 500,
+    in_features: int = 784,
+    repeats: int = 2,
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Time and memory of one ``(width, N, aligner)`` merge (run it in a fresh process for clean memory figures)."""
+    models = make_models(width, n, in_features, device)
+    data = make_data(samples, batch, in_features, device)
+    forward_floor(models, data[:1])  # warm-up
+    spec = autoalign.find_merge_points(models[0], data[0][0])
+    needs = autoalign.get_aligner(aligner).needs
+
+    with PeakMemory(device) as mem_stats:
+        stats = autoalign.collect_stats(models, data, spec, needs=needs, reference=0)
+    stats_bytes = 0
+    for p in stats.points.values():
+        stats_bytes += sum(t.numel() * t.element_size() for t in [*p.sums, *p.squares, *p.cross.values()])
+    n_blocks = stats.n_blocks()
+    del stats
+
+    with PeakMemory(device) as mem_merge:
+        autoalign.merge_with_report(models, data, aligner=aligner, repair=None, spec=spec)
+    timings: dict[str, float] = {}
+    for _ in range(repeats):
+        res = autoalign.merge_with_report(models, data, aligner=aligner, repair=None, spec=spec)
+        for k, v in res.report.timings.items():
+            timings[k] = min(timings.get(k, float("inf")), float(v))
+    del res
+    floor, _ = _best_of(repeats, lambda: forward_floor(models, data), device)
+    return {
+        "width": width,
+        "n": n,
+        "aligner": aligner,
+        "needs": needs,
+        "samples": samples,
+        "batch": batch,
+        "device": device,
+        "threads": torch.get_num_threads(),
+        "timings": timings,
+        "floor_seconds": floor,
+        "stats_over_floor": timings.get("statistics", float("nan")) / floor if floor > 0 else float("nan"),
+        "stats_peak_bytes": int(mem_stats.peak),
+        "merge_peak_bytes": int(mem_merge.peak),
+        "stats_result_bytes": int(stats_bytes),
+        "stats_blocks": int(n_blocks),
+    }
+
+
+def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Every ``(aligner, width, N)`` in a fresh subprocess (``--worker``)."""
+    rows = []
+    for aligner in args.aligners:
+        for width in args.widths:
+            for n in args.n:
+                cmd = [
+                    sys.executable, __file__, "--worker", "--widths", str(width), "--n", str(n), "--aligners", aligner,
+                    "--samples", str(args.samples), "--batch", str(args.batch), "--in-features", str(args.in_features),
+                    "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device,
+                ]
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+                if proc.returncode != 0:
+                    raise RuntimeError(f"worker failed for {aligner} d={width} N={n}:\n{proc.stderr[-3000:]}")
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                t = row["timings"]
+                print(
+                    f"{aligner:12s} d={width:5d} N={n:2d} stats={t.get('statistics', 0):7.3f}s floor={row['floor_seconds']:7.3f}s "
+                    f"ratio={row['stats_over_floor']:5.2f} solve={t.get('solve', 0):7.3f}s apply={t.get('apply', 0):6.3f}s "
+                    f"stats_mem={row['stats_peak_bytes'] / 2**20:7.1f}MiB merge_mem={row['merge_peak_bytes'] / 2**20:7.1f}MiB",
+                    flush=True,
+                )
+                rows.append(row)
+    return rows
+
+
+def _mib(b: float) -> str:
+    return f"{b / 2**20:.1f}"
+
+
+def to_markdown(result: dict[str, Any]) -> str:
+    lines = [
+        f"Command: `{result['command']}`  ",
+        f"Machine: {result['machine']}; torch {result['torch']}; {result['date']}.  ",
+        f"Models: MLP {result['in_features']}-d-d-10 with random weights; calibration: {result['samples']} random "
+        f"inputs in batches of {result['batch']}; times are the best of {result['repeats']} runs; repair off.",
+        "",
+        "| aligner | d | N | statistics s | forward floor s | stats / floor | solve s | apply s "
+        "| stats peak MiB | stats held MiB | merge peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in result["rows"]:
+        t = r["timings"]
+        lines.append(
+            f"| {r['aligner']} | {r['width']} | {r['n']} | {t.get('statistics', 0):.3f} | {r['floor_seconds']:.3f} "
+            f"| {r['stats_over_floor']:.2f} | {t.get('solve', 0):.3f} | {t.get('apply', 0):.3f} "
+            f"| {_mib(r['stats_peak_bytes'])} | {_mib(r['stats_result_bytes'])} | {_mib(r['merge_peak_bytes'])} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
+    """Three panels against d: statistics/floor ratio, solve seconds, statistics peak memory (per N)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.8))
+    aligners = sorted({r["aligner"] for r in rows})
+    styles = ["-", "--", ":", "-."]
+    for ai, a in enumerate(aligners):
+        for n in sorted({r["n"] for r in rows}):
+            sel = sorted((r for r in rows if r["aligner"] == a and r["n"] == n), key=lambda r: r["width"])
+            if not sel:
+                continue
+            ws = [r["width"] for r in sel]
+            kw = dict(marker="o", linestyle=styles[ai % len(styles)], label=f"{a}, N={n}")
+            axes[0].plot(ws, [r["stats_over_floor"] for r in sel], **kw)
+            axes[1].plot(ws, [r["timings"].get("solve", 0) for r in sel], **kw)
+            axes[2].plot(ws, [r["stats_peak_bytes"] / 2**20 for r in sel], **kw)
+    axes[0].axhline(1.5, color="red", linewidth=0.8, label="1.5× target")
+    axes[0].set_ylabel("statistics time / forward-pass time")
+    axes[1].set_ylabel("solve seconds")
+    axes[2].set_ylabel("statistics peak memory (MiB)")
+    for ax in axes:
+        ax.set_xlabel("width d")
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    axes[1].set_yscale("log")
+    axes[0].legend(fontsize=6)
+    fig.tight_layout()
+    pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
+    ap.add_argument("--aligners", nargs="+", default=["cca", "permutation"])
+    ap.add_argument("--samples", type=int, default=5000)
+    ap.add_argument("--batch", type=int, default=500)
+    ap.add_argument("--in-features", type=int, default=784)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="benchmarks/out/cost")
+    ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    return ap
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        row = measure(
+            args.widths[0], args.n[0], args.aligners[0], samples=args.samples, batch=args.batch,
+            in_features=args.in_features, repeats=args.repeats, device=args.device,
+        )
+        print(json.dumps(row))
+        return 0
+    from benchmarks.merge_accuracy import machine_line
+
+    rows = run_all(args)
+    result = {
+        "command": "python benchmarks/cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "machine": machine_line(args.device, args.threads),
+        "torch": torch.__version__,
+        "samples": args.samples,
+        "batch": args.batch,
+        "in_features": args.in_features,
+        "repeats": args.repeats,
+        "rows": rows,
+    }
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "cost.json").write_text(json.dumps(result, indent=1))
+    (out / "cost.md").write_text(to_markdown(result))
+    plot(result, out / "cost.png")
+    print(to_markdown(result))
+    print(f"wrote {out}/cost.json, cost.md, cost.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,162 @@
+"""Fast tests of the benchmark scripts: cost.py, correlation.py, merge_accuracy.py and train.py's subset option.
+
+Tiny MLPs on random data or scikit-learn's digits; the whole file runs in a few seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import pathlib
+import sys
+
+import pytest
+import torch
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:
+    sys.path.insert(0, str(REPO_ROOT))
+
+from benchmarks import correlation, cost, merge_accuracy  # noqa: E402
+from benchmarks.models import MLP  # noqa: E402
+from benchmarks.train import make_config, subset_indices, train_models  # noqa: E402
+
+
+def _data(n: int = 256, d_in: int = 6, batch: int = 64) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(n, d_in, generator=g)
+    y = torch.randint(0, 3, (n,), generator=g)
+    return [(x[i : i + batch], y[i : i + batch]) for i in range(0, n, batch)]
+
+
+# --------------------------------------------------------------------------- cost.py
+
+
+def test_cost_measure_tiny_mlp(tmp_path: pathlib.Path) -> None:
+    row = cost.measure(16, 2, "cca", samples=64, batch=32, in_features=8, repeats=1)
+    assert set(row["timings"]) >= {"discover", "statistics", "solve", "apply"}
+    assert row["floor_seconds"] > 0 and math.isfinite(row["stats_over_floor"])
+    # two merge points of width 16; all-to-one: 2 squares + 1 cross block per point
+    assert row["stats_blocks"] == 2 * 3
+    assert row["stats_result_bytes"] >= 2 * 3 * 16 * 16 * 8
+    assert row["stats_peak_bytes"] >= 0 and row["merge_peak_bytes"] >= 0
+    result = {"command": "x", "machine": "m", "torch": torch.__version__, "date": "d", "samples": 64, "batch": 32,
+              "in_features": 8, "repeats": 1, "rows": [row]}
+    md = cost.to_markdown(result)
+    assert "| cca | 16 | 2 |" in md
+    cost.plot(result, tmp_path / "cost.png")
+    assert (tmp_path / "cost.png").stat().st_size > 0
+
+
+def test_peak_memory_sees_a_tensor_allocation() -> None:
+    with cost.PeakMemory("cpu") as mem:
+        t = torch.ones(64 * 2**20 // 8, dtype=torch.float64)  # 64 MiB, touched
+        float(t.sum())
+    del t
+    assert mem.peak > 32 * 2**20
+
+
+def test_cost_all_pairs_aligner_holds_more_blocks() -> None:
+    row = cost.measure(8, 3, "zipit", samples=48, batch=24, in_features=5, repeats=1)
+    assert row["needs"] == "all_pairs"
+    assert row["stats_blocks"] == 2 * (3 + 3)  # 3 squares + 3 pairs per point
+
+
+# --------------------------------------------------------------------------- correlation.py
+
+
+def _mlp(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    return MLP(6, (12, 12), 3).eval()
+
+
+def test_correlation_analysis_on_random_mlps(tmp_path: pathlib.Path) -> None:
+    data = _data()
+    res = correlation.analyse([_mlp(0), _mlp(1)], data, point="layers.0")
+    assert res["point"] == "layers.0" and res["dim"] == 12 and res["samples"] == 256
+    for key in ("corr_top1", "corr_top2", "cca_top1", "cca_top2"):
+        assert len(res[key]) == 12
+        assert all(0.0 <= v <= 1.0 + 1e-9 for v in res[key])
+    assert all(a >= b for a, b in zip(res["corr_top1"], res["corr_top2"]))
+    assert all(a >= b for a, b in zip(res["cca_top1"], res["cca_top2"]))
+    s = res["summary"]
+    assert 0 <= s["frac_cca_argmax_equals_corr_argmax"] <= 1
+    correlation.plot(res, tmp_path / "c.png", title="t")
+    assert (tmp_path / "c.png").stat().st_size > 0
+    json.dumps(res)  # serialisable
+
+
+def test_correlation_of_a_model_with_itself_is_one_to_one() -> None:
+    m = _mlp(0)
+    twin = _mlp(0)
+    res = correlation.analyse([m, twin], _data(), point="layers.2")
+    alive = torch.tensor(res["alive"])
+    c1 = torch.tensor(res["corr_top1"])[alive]
+    t1 = torch.tensor(res["cca_top1"])[alive]
+    t2 = torch.tensor(res["cca_top2"])[alive]
+    assert torch.allclose(c1, torch.ones_like(c1), atol=1e-6)
+    assert torch.allclose(t1, torch.ones_like(t1), atol=1e-6)  # CCA between identical features is the identity
+    assert float(t2.max()) < 1e-6
+    assert res["summary"]["frac_cca_argmax_equals_corr_argmax"] == 1.0
+
+
+def test_correlation_rejects_unknown_point() -> None:
+    with pytest.raises(ValueError, match="no alignable merge point"):
+        correlation.analyse([_mlp(0), _mlp(1)], _data(), point="head")
+
+
+# --------------------------------------------------------------------------- merge_accuracy.py
+
+
+def test_methods_iterative_only_for_reference_aligners() -> None:
+    methods = merge_accuracy.methods_for(["cca", "identity", "zipit"], ["all_to_one", "iterative"], ["none", "repair"])
+    assert ("cca", "iterative", "repair") in methods
+    assert not any(a in ("identity", "zipit") and s == "iterative" for a, s, _ in methods)
+    assert len(methods) == 2 * 2 + 2 + 2
+
+
+def test_draws_are_distinct_and_capped() -> None:
+    assert merge_accuracy.draws_for(8, 8, 3) == [list(range(8))]
+    d = merge_accuracy.draws_for(8, 2, 3)
+    assert len(d) == 3 and len({tuple(x) for x in d}) == 3
+    # the first draws are the ones the MNIST table used
+    assert d[0] == [0, 7]
+    assert len(merge_accuracy.draws_for(3, 2, 10)) == 3
+
+
+def test_merge_accuracy_end_to_end_on_digits(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "out"
+    rc = merge_accuracy.main([
+        "--dataset", "digits", "--arch", "mlp", "--width", "16", "--epochs", "1", "--seeds", "0", "1", "2",
+        "--n", "2", "3", "--draws", "2", "--aligners", "identity", "cca", "--schemes", "all_to_one",
+        "--calibration", "200", "--batch-size", "100", "--threads", "1",
+        "--checkpoints", str(tmp_path / "ck"), "--out", str(out),
+    ])
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    rows = result["rows"]
+    # N=2: 2 draws, N=3: 1 draw (only one set of 3 out of 3); 2 baselines + 2 methods each
+    assert len(rows) == 3 * 4
+    assert {r["method"] for r in rows} == {"base mean", "ensemble", "identity", "cca"}
+    assert all(r["accuracy"] is not None and 0 <= r["accuracy"] <= 1 for r in rows)
+    md = (out / "results.md").read_text()
+    assert "| cca | all_to_one | none |" in md and "Every draw" in md
+    assert (out / "accuracy_vs_n.png").stat().st_size > 0
+
+
+# --------------------------------------------------------------------------- train.py
+
+
+def test_train_subset_is_in_the_config_only_when_set(tmp_path: pathlib.Path) -> None:
+    plain = make_config("digits", "mlp", epochs=1, batch_size=32)
+    assert "train_subset" not in plain
+    sub = make_config("digits", "mlp", epochs=1, batch_size=32, train_subset=100)
+    assert sub["train_subset"] == 100
+    idx = subset_indices(1000, 100)
+    assert len(idx) == 100 and len(set(idx.tolist())) == 100
+    assert torch.equal(idx, subset_indices(1000, 100))
+    p_sub = train_models("digits", "mlp", [0], epochs=1, width=8, train_subset=100, out_dir=tmp_path)
+    p_all = train_models("digits", "mlp", [0], epochs=1, width=8, out_dir=tmp_path)
+    assert p_sub != p_all
+    ck = torch.load(p_sub[0], weights_only=True)
+    assert ck["config"]["train_subset"] == 100
