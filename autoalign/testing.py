@@ -158,10 +158,17 @@ def check(
 
     Examples
     --------
-    >>> import torch, torchvision, autoalign
-    >>> report = autoalign.check(torchvision.models.resnet18(), torch.randn(2, 3, 32, 32))
-    >>> report.ok
-    True
+    A small conv net with BatchNorm (any torchvision classifier works the same
+    way, e.g. ``check(torchvision.models.resnet18(), torch.randn(2, 3, 32, 32))``):
+
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(
+    ...     torch.nn.Conv2d(3, 8, 3), torch.nn.BatchNorm2d(8), torch.nn.ReLU(),
+    ...     torch.nn.Conv2d(8, 8, 3, groups=2), torch.nn.ReLU(),
+    ...     torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 3))
+    >>> report = autoalign.check(net, torch.randn(2, 3, 8, 8))
+    >>> report.ok, report.permuted, report.points    # the grouped conv splits points in two
+    (True, 4, 5)
     """
     if spec is None:
         spec = find_merge_points(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)

@@ -377,12 +377,30 @@ def find_merge_points(
 
     Examples
     --------
-    >>> import torch, torchvision, autoalign
-    >>> spec = autoalign.find_merge_points(torchvision.models.resnet18(), torch.randn(2, 3, 32, 32))
-    >>> spec.point("layer1.0.conv1").kind
-    'linear'
-    >>> round(spec.coverage(), 2)
-    1.0
+    A residual block makes the stem's and the block's output channels one merge
+    point (the BatchNorm folds into its conv, so the point stays ``linear``); the
+    logits are the model's output and stay frozen. Any torchvision classifier works
+    the same way, e.g. ``find_merge_points(torchvision.models.resnet18(), x)``.
+
+    >>> import torch, autoalign
+    >>> class Net(torch.nn.Module):
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+    ...         self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+    ...         self.bn = torch.nn.BatchNorm2d(8)
+    ...         self.head = torch.nn.Linear(8, 10)
+    ...     def forward(self, x):
+    ...         x = torch.relu(self.stem(x))
+    ...         x = x + torch.relu(self.bn(self.conv(x)))    # a residual block
+    ...         return self.head(x.mean((2, 3)))
+    >>> spec = autoalign.find_merge_points(Net(), torch.randn(2, 3, 8, 8))
+    >>> print(spec.table())
+    name  dim  kind    tensors  reason
+    stem    8  linear  9
+    head   10  frozen  2        model output
+    >>> spec.point("stem").producers, len(spec.folds), spec.coverage()
+    (('stem', 'conv'), 1, 1.0)
     """
     gm = trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     return discover(gm, example_inputs, strict=strict, model=model)
