@@ -492,7 +492,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     repair = None if args.repair == "none" else args.repair
     print(f"merging {len(models)} x {arch} with aligner {args.aligner!r} on {args.data} ...", flush=True)
     result = merge_with_report(
-        models, data, aligner=args.aligner, reference=reference, repair=repair,
+        models, data, aligner=args.aligner, reference=reference, repair=repair, scheme=args.scheme,
         num_batches=args.num_batches, device=args.device, progress=args.progress, **options,
     )
     report = result.report
@@ -501,6 +501,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     print()
     print(f"aligner: {report.aligner}; reference: checkpoint {report.reference} ({args.checkpoint[report.reference]}); "
           f"repair: {report.repair or 'none'}; BatchNorms folded: {report.folded_batchnorms}")
+    if report.scheme == "iterative":
+        print(f"scheme: iterative, {report.iterations} rounds, last relative plan change {report.plan_change:.2e}")
     projected = sum(1 for p in report.points if p.projected)
     if projected:
         print(f"{projected} merge points projected onto a restricted kind (see 'projected')")
@@ -516,6 +518,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             "aligner_options": options,
             "reference": report.reference,
             "repair": report.repair,
+            "scheme": report.scheme,
             "checkpoints": [str(p) for p in args.checkpoint],
             "data": args.data,
             "report": table,
@@ -653,8 +656,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint the others are aligned to, or 'best' (lowest loss on the calibration data)")
     p.add_argument("--num-batches", type=int, default=None, metavar="N", help="use at most N calibration batches per pass (default: all)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size")
-    p.add_argument("--repair", choices=("auto", "reset_bn", "none"), default="auto",
-                   help="after merging: auto re-estimates BatchNorm statistics when the model has BatchNorm")
+    p.add_argument("--repair", choices=("auto", "reset_bn", "repair", "none"), default="auto",
+                   help="after merging: auto re-estimates BatchNorm statistics when the model has BatchNorm; "
+                        "repair matches every layer's per-channel mean/std to the aligned models' (REPAIR)")
+    p.add_argument("--scheme", choices=("all_to_one", "iterative"), default="all_to_one",
+                   help="all_to_one aligns every model to the reference once; iterative re-aligns to the merged model "
+                        "until the plan settles (aligners that align to a reference: cca, permutation, ot)")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the merged checkpoint")
     p.add_argument("--device", default=None, metavar="DEVICE", help="compute device, e.g. cpu or cuda (default: where the models are loaded, the cpu)")
     p.add_argument("--progress", action="store_true", help="show progress bars")

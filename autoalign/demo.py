@@ -15,9 +15,9 @@ run takes well under a minute on a laptop CPU::
 Architectures
 -------------
 ``mlp``     ``Flatten → (Linear → ReLU) × len(hidden) → Linear`` (no BatchNorm, so
-            only repair "none" applies);
+            repairs "none" and "repair" apply);
 ``mlp_bn``  the same with ``BatchNorm1d`` after each hidden Linear (BatchNorm
-            folds into the Linear before it; ``reset_bn`` repair applies);
+            folds into the Linear before it; ``reset_bn`` and ``repair`` apply);
 ``cnn_bn``  for CIFAR-10: ``(Conv3x3 → BatchNorm → ReLU → MaxPool) × len(hidden)``,
             global average pooling and a Linear classifier.
 """

@@ -15,17 +15,26 @@ from torch import nn
 from .aligners import AlignProblem, Aligner, Plan, PointPlan, get_aligner
 from .aligners.linalg import is_orthogonal, is_permutation, nearest_orthogonal, nearest_permutation
 from .apply import average_state_dicts, folds_needed, transform_state_dict
-from .errors import MergeError
+from .errors import DataError, MergeError
 from .graph.discover import find_merge_points
-from .validate import validate_models
-from .repair import batchnorm_output_stats, has_batchnorm, reset_bn, set_batchnorm_affine
+from .validate import NO_BATCH, check_example, check_merged, validate_models, validate_options
+from .repair import (
+    has_batchnorm,
+    output_channel_stats,
+    repair_producers,
+    repair_sites,
+    reset_bn,
+    set_batchnorm_affine,
+)
 from .spec import MergeSpec, kind_rank
-from .stats import Stats, collect_stats, default_input_fn
+from .stats import Stats, collect_stats, default_input_fn, sync_batchnorm_stats
 from .trace import as_input_tuple, eval_mode
 
 __all__ = ["merge", "merge_with_report", "MergeResult", "MergeReport", "PointReport"]
 
-REPAIRS = ("auto", "reset_bn", None)
+REPAIRS = ("auto", "reset_bn", "repair", None)
+SCHEMES = ("all_to_one", "iterative")
+ITERATIVE_TOL = 1e-3
 
 
 @dataclass
@@ -59,6 +68,26 @@ class MergeReport:
         Seconds spent in ``discover``, ``statistics``, ``solve``, ``apply``, ``repair``.
     repair : str or None
         The repair applied.
+    folded_batchnorms : int
+        BatchNorm layers folded into their producers.
+    scheme : str
+        ``"all_to_one"`` or ``"iterative"``.
+    iterations : int
+        Re-alignment rounds of the iterative scheme (0 for all-to-one).
+    plan_change : float or None
+        Relative change of the merge matrices in the last round (iterative only).
+    repair_notes : dict of str to str
+        Modules REPAIR could not fully correct, and why.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)) for _ in range(2)]
+    >>> report = autoalign.merge_with_report(nets, [torch.randn(16, 4)], aligner="permutation").report
+    >>> report.reference, report.weights, sorted(report.timings)
+    (0, [0.5, 0.5], ['apply', 'discover', 'repair', 'solve', 'statistics'])
+    >>> print(report.table().splitlines()[0])
+    point  dim  allowed  used         projected  score  ms
     """
 
     aligner: str
@@ -68,6 +97,10 @@ class MergeReport:
     timings: dict[str, float] = field(default_factory=dict)
     repair: str | None = None
     folded_batchnorms: int = 0
+    scheme: str = "all_to_one"
+    iterations: int = 0
+    plan_change: float | None = None
+    repair_notes: dict[str, str] = field(default_factory=dict)
 
     def table(self) -> str:
         """A plain-text table of the per-point outcomes."""
@@ -80,20 +113,45 @@ class MergeReport:
 
 @dataclass
 class MergeResult:
-    """The merged model and everything that produced it."""
+    """The merged model and everything that produced it.
+
+    Attributes
+    ----------
+    model : nn.Module
+        The merged model (a new module of the inputs' class).
+    report : MergeReport
+        Per-point outcomes and timings.
+    spec : MergeSpec
+        The merge points used.
+    plan : Plan
+        The aligner's transforms (after projection onto each point's kind).
+    stats : Stats or None
+        The feature statistics (``None`` for data-free aligners).
+    repair_targets : dict of str to (Tensor (C,), Tensor (C,)), optional
+        Per repaired module, the target per-channel mean and std.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)) for _ in range(3)]
+    >>> result = autoalign.merge_with_report(nets, [torch.randn(16, 4)], aligner="cca")
+    >>> [pp.kind for pp in result.plan.points.values()], len(result.plan.points["0"].merges)
+    (['linear'], 3)
+    """
 
     model: nn.Module
     report: MergeReport
     spec: MergeSpec
     plan: Plan
     stats: Stats | None = None
+    repair_targets: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
 
 
 def _example_from(data: Iterable[Any], input_fn: Callable[[Any], Any]) -> tuple[Any, ...]:
     for batch in data:
         inputs = as_input_tuple(input_fn(batch))
         return tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
-    raise MergeError("the calibration data yielded no batch")
+    raise DataError(NO_BATCH)
 
 
 def _project(pp: PointPlan, allowed: str) -> PointPlan:
@@ -131,6 +189,51 @@ def _best_reference(models: Sequence[nn.Module], data: Iterable[Any], input_fn: 
     return int(min(range(len(models)), key=lambda i: losses[i]))
 
 
+def _solve_checked(al: Aligner, problem: AlignProblem, spec: MergeSpec, n: int) -> Plan:
+    """Run the aligner, check its plan against the spec and project it onto each point's kind."""
+    plan = al.solve(problem)
+    if not isinstance(plan, Plan):
+        raise MergeError(f"aligner {al!r} returned {type(plan).__name__}, not a Plan")
+    for p in spec.points:
+        pp = plan.points.get(p.name)
+        if pp is None:
+            continue
+        if p.kind == "frozen":
+            raise MergeError(f"aligner {al!r} returned a transform for frozen merge point {p.name!r}")
+        if len(pp.merges) != n or len(pp.unmerges) != n:
+            raise MergeError(f"aligner {al!r}: merge point {p.name!r} needs {n} merge and unmerge matrices")
+        if kind_rank(pp.kind) > kind_rank(p.kind) or p.kind != "linear":
+            plan.points[p.name] = _project(pp, p.kind)
+    return plan
+
+
+def _drop_last_model(pp: PointPlan) -> PointPlan:
+    """The point plan without its last model (the current merged model of the iterative scheme)."""
+    return PointPlan(pp.merges[:-1], pp.unmerges[:-1], pp.kind, pp.score, pp.note, pp.projected, pp.seconds)
+
+
+def _plan_change(old: Plan, new: Plan) -> float:
+    """Largest relative Frobenius change of any model's merge matrix at any point."""
+    change = 0.0
+    for name, pp in new.points.items():
+        prev = old.points.get(name)
+        if prev is None:
+            return float("inf")
+        for a, b in zip(prev.merges, pp.merges):
+            change = max(change, float(torch.linalg.norm(b - a) / torch.linalg.norm(a).clamp_min(1e-12)))
+    return change
+
+
+def _apply_plan(
+    sds: list[dict[str, torch.Tensor]], spec: MergeSpec, plan: Plan, w: torch.Tensor
+) -> tuple[list[dict[str, torch.Tensor]], list[Any], dict[str, torch.Tensor]]:
+    """Transform every model's state dict by the plan and average: (moved, folds, merged)."""
+    per_model = [plan.transforms_for(m) for m in range(len(sds))]
+    folds = folds_needed(spec, per_model)
+    moved = [transform_state_dict(sds[m], spec, per_model[m], folds=folds) for m in range(len(sds))]
+    return moved, folds, average_state_dicts(moved, w.tolist())
+
+
 def merge_with_report(
     models: Sequence[nn.Module],
     data: Iterable[Any],
@@ -138,6 +241,8 @@ def merge_with_report(
     aligner: str | Aligner = "cca",
     reference: int | str = 0,
     weights: Sequence[float] | None = None,
+    scheme: str = "all_to_one",
+    max_iterations: int = 10,
     repair: str | None = "auto",
     num_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -151,11 +256,36 @@ def merge_with_report(
     """Merge models and return the merged model with a report, the spec and the plan.
 
     Takes the same arguments as :func:`merge`.
+
+    Returns
+    -------
+    MergeResult
+        ``model`` (the merged model), ``report`` (per-point outcomes, timings,
+        scheme rounds, repair notes), ``spec``, ``plan``, ``stats`` and
+        ``repair_targets`` (module name → target (mean, std) when repaired).
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> def mlp(seed):
+    ...     torch.manual_seed(seed)
+    ...     return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    >>> data = [torch.randn(32, 4) for _ in range(4)]
+    >>> result = autoalign.merge_with_report([mlp(0), mlp(1)], data, aligner="permutation", repair="repair")
+    >>> [p.used for p in result.report.points]
+    ['permutation']
+    >>> sorted(result.repair_targets)
+    ['0']
     """
     timings: dict[str, float] = {}
-    validate_models(models)
+    validate_models(models, device=device)
+    validate_options(len(models), weights=weights, num_batches=num_batches)
     if repair not in REPAIRS and repair != "none":
         raise MergeError(f"repair must be one of {REPAIRS}, got {repair!r}")
+    if scheme not in SCHEMES:
+        raise MergeError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if not isinstance(max_iterations, int) or max_iterations < 1:
+        raise MergeError(f"max_iterations must be a positive int, got {max_iterations!r}")
     if iter(data) is data:  # type: ignore[comparison-overlap]
         raise MergeError("data must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
     fn = input_fn or default_input_fn
@@ -170,6 +300,12 @@ def merge_with_report(
             raise MergeError(f"weights must be non-negative with a positive sum, got {w.tolist()}")
         w = w / w.sum()
     al = get_aligner(aligner, **aligner_options)
+    if scheme == "iterative" and al.needs != "reference":
+        raise MergeError(
+            f"scheme='iterative' re-aligns every model to the current merged model, so it needs an aligner that "
+            f"aligns to a reference (needs='reference': cca, permutation, ot); {al.name!r} has needs={al.needs!r}"
+            + (" and already iterates internally (MergeMany)" if al.name == "weight_matching" else "")
+        )
 
     work = list(models)
     if device is not None:
@@ -193,6 +329,7 @@ def merge_with_report(
         example = _example_from(data, fn)
         if device is not None:
             example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
+        check_example(work[0], example)
         spec = find_merge_points(work[0], example, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     timings["discover"] = time.perf_counter() - t0
 
@@ -208,59 +345,90 @@ def merge_with_report(
 
     t0 = time.perf_counter()
     sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in work]
-    problem = AlignProblem(spec, sds, reference, w, stats)
-    plan = al.solve(problem)
-    if not isinstance(plan, Plan):
-        raise MergeError(f"aligner {al!r} returned {type(plan).__name__}, not a Plan")
-    report = MergeReport(repr(al), reference, w.tolist())
-    for p in spec.points:
-        pp = plan.points.get(p.name)
-        if pp is None:
-            continue
-        if p.kind == "frozen":
-            raise MergeError(f"aligner {al!r} returned a transform for frozen merge point {p.name!r}")
-        if len(pp.merges) != n or len(pp.unmerges) != n:
-            raise MergeError(f"aligner {al!r}: merge point {p.name!r} needs {n} merge and unmerge matrices")
-        if kind_rank(pp.kind) > kind_rank(p.kind) or p.kind != "linear":
-            pp = _project(pp, p.kind)
-            plan.points[p.name] = pp
-        report.points.append(PointReport(p.name, p.dim, p.kind, pp.kind, pp.projected, pp.score, pp.seconds, pp.note))
+    plan = _solve_checked(al, AlignProblem(spec, sds, reference, w, stats), spec, n)
     timings["solve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    per_model = [plan.transforms_for(m) for m in range(n)]
-    folds = folds_needed(spec, per_model)
-    moved = [transform_state_dict(sds[m], spec, per_model[m], folds=folds) for m in range(n)]
-    merged_sd = average_state_dicts(moved, w.tolist())
+    moved, folds, merged_sd = _apply_plan(sds, spec, plan, w)
+    timings["apply"] = time.perf_counter() - t0
+
+    iterations, change = 0, None
+    if scheme == "iterative":
+        # MergeMany-style: re-align every model to the current merged model until the plan settles
+        timings.setdefault("statistics", 0.0)
+        for iterations in range(1, max_iterations + 1):
+            t0 = time.perf_counter()
+            current = copy.deepcopy(work[reference])
+            current.load_state_dict(merged_sd)
+            if has_batchnorm(current):
+                reset_bn(current, data, input_fn=fn, num_batches=num_batches, device=device)
+            stats = collect_stats(
+                work + [current], data, spec, needs=al.needs, reference=n, input_fn=fn, num_batches=num_batches,
+                device=device, trace_options={"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions},
+            )
+            timings["statistics"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            cur_sd = {k: v.detach() for k, v in current.state_dict().items()}
+            w_ext = torch.cat([w, torch.zeros(1, dtype=w.dtype)])
+            full = _solve_checked(al, AlignProblem(spec, sds + [cur_sd], n, w_ext, stats), spec, n + 1)
+            new_plan = Plan({name: _drop_last_model(pp) for name, pp in full.points.items()})
+            change = _plan_change(plan, new_plan)
+            plan = new_plan
+            timings["solve"] += time.perf_counter() - t0
+            t0 = time.perf_counter()
+            moved, folds, merged_sd = _apply_plan(sds, spec, plan, w)
+            timings["apply"] += time.perf_counter() - t0
+            del current
+            if change <= ITERATIVE_TOL:
+                break
+
+    report = MergeReport(repr(al), reference, w.tolist(), scheme=scheme, iterations=iterations, plan_change=change)
+    for p in spec.points:
+        pp = plan.points.get(p.name)
+        if pp is not None:
+            report.points.append(PointReport(p.name, p.dim, p.kind, pp.kind, pp.projected, pp.score, pp.seconds, pp.note))
     out = copy.deepcopy(work[reference])
+    check_merged(merged_sd, work[reference], spec=spec, inputs=sds)
     out.load_state_dict(merged_sd)
     report.folded_batchnorms = len(folds)
-    timings["apply"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     if repair == "auto":
         repair = "reset_bn" if has_batchnorm(out) else None
-    if repair == "reset_bn":
-        folded_bns = sorted({f.running_mean.rsplit(".", 1)[0] for f in folds})
-        targets = {}
-        if folded_bns:
-            # the folded BatchNorms lost their learned scale: target the aligned models' statistics
+    repair_targets = None
+    if repair in ("reset_bn", "repair"):
+        if repair == "repair":
+            producers, bns = repair_sites(out, spec)
+            names = producers + bns
+        else:
+            names = sorted({f.running_mean.rsplit(".", 1)[0] for f in folds})
+        targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        if names:
+            # REPAIR's target: the per-channel statistics the aligned models have there
             aligned = []
             for m in range(n):
                 mm = copy.deepcopy(work[m])
                 mm.load_state_dict(moved[m])
                 aligned.append(mm)
-            targets = batchnorm_output_stats(
-                aligned, folded_bns, data, weights=w.tolist(), input_fn=fn, num_batches=num_batches, device=device
+            targets = output_channel_stats(
+                aligned, names, data, weights=w.tolist(), input_fn=fn, num_batches=num_batches, device=device
             )
             del aligned
-        reset_bn(out, data, input_fn=fn, num_batches=num_batches, device=device, progress=progress)
-        set_batchnorm_affine(out, targets)
+        if repair == "repair":
+            report.repair_notes = repair_producers(
+                out, targets, data, input_fn=fn, num_batches=num_batches, device=device, progress=progress
+            )
+        else:
+            # the folded BatchNorms lost their learned scale: target the aligned models' statistics
+            reset_bn(out, data, input_fn=fn, num_batches=num_batches, device=device, progress=progress)
+            sync_batchnorm_stats(out)
+            set_batchnorm_affine(out, targets)
+        repair_targets = targets
     report.repair = repair if repair != "none" else None
     timings["repair"] = time.perf_counter() - t0
     report.timings = timings
     out.train(models[reference].training)
-    return MergeResult(out, report, spec, plan, stats)
+    return MergeResult(out, report, spec, plan, stats, repair_targets)
 
 
 def merge(
@@ -270,6 +438,8 @@ def merge(
     aligner: str | Aligner = "cca",
     reference: int | str = 0,
     weights: Sequence[float] | None = None,
+    scheme: str = "all_to_one",
+    max_iterations: int = 10,
     repair: str | None = "auto",
     num_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -297,8 +467,22 @@ def merge(
         lowest cross-entropy on the calibration data.
     weights : sequence of float, optional
         Merge weights ``w_m`` (normalised; uniform by default).
-    repair : {"auto", "reset_bn", None}, default "auto"
-        ``"auto"`` re-estimates BatchNorm statistics when the model has any.
+    scheme : {"all_to_one", "iterative"}, default "all_to_one"
+        ``"all_to_one"`` aligns every model to the reference once (the CCA
+        Merge paper). ``"iterative"`` then re-aligns every model to the current
+        merged model (statistics collected again each round) until no merge
+        matrix changes by more than 0.1 % (relative Frobenius norm) or
+        ``max_iterations`` rounds — MergeMany (Ainsworth et al. 2023) for
+        statistics-based aligners; needs an aligner with ``needs="reference"``.
+    max_iterations : int, default 10
+        Upper bound on the rounds of ``scheme="iterative"``.
+    repair : {"auto", "reset_bn", "repair", None}, default "auto"
+        ``"reset_bn"`` re-estimates BatchNorm statistics (folded BatchNorms get
+        the aligned models' output statistics as affine); ``"repair"`` is full
+        REPAIR (Jordan et al. 2023): every producer's and BatchNorm's
+        per-channel output mean/std are matched to the average of the aligned
+        models', folded into weights and biases, so it works without BatchNorm;
+        ``"auto"`` is ``"reset_bn"`` when the model has BatchNorm, else None.
     num_batches : int, optional
         Use at most this many calibration batches per pass.
     device : torch.device or str, optional
@@ -336,7 +520,8 @@ def merge(
     'Sequential'
     """
     return merge_with_report(
-        models, data, aligner=aligner, reference=reference, weights=weights, repair=repair,
+        models, data, aligner=aligner, reference=reference, weights=weights, scheme=scheme,
+        max_iterations=max_iterations, repair=repair,
         num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
         leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, **aligner_options,
     ).model

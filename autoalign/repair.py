@@ -6,11 +6,18 @@ folded into its producer for a dense transform has no learned scale left, so
 before the reset its affine is set to the per-channel mean and std that the
 aligned models' outputs have there (REPAIR's target, Jordan et al. 2023): the
 merged layer then reproduces the average statistics instead of unit variance.
+
+``repair="repair"`` (:func:`repair_producers`) is full REPAIR: at every
+producer (Linear/Conv) of a non-frozen merge point and every BatchNorm, the
+merged model's per-channel output mean and std are matched to the weighted
+average of the aligned models' (:func:`output_channel_stats`), and the
+correction is folded into the producer's weight and bias (or the BatchNorm's
+affine), so it works with and without BatchNorm.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -19,7 +26,20 @@ from .errors import MergeError
 from .stats import default_input_fn, iter_model_inputs
 from .trace import eval_mode
 
-__all__ = ["reset_bn", "has_batchnorm", "batchnorm_output_stats", "set_batchnorm_affine"]
+if TYPE_CHECKING:
+    from .spec import MergeSpec
+
+__all__ = [
+    "reset_bn",
+    "has_batchnorm",
+    "batchnorm_output_stats",
+    "output_channel_stats",
+    "set_batchnorm_affine",
+    "repair_producers",
+    "repair_sites",
+]
+
+PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
 def has_batchnorm(model: nn.Module) -> bool:
@@ -84,7 +104,18 @@ def reset_bn(
     return model
 
 
-def batchnorm_output_stats(
+def channel_axis(module: nn.Module) -> int:
+    """The channel axis of a module's output: last for ``nn.Linear``, 1 otherwise (conv, BatchNorm)."""
+    return -1 if isinstance(module, nn.Linear) else 1
+
+
+def _per_channel(y: torch.Tensor, axis: int) -> torch.Tensor:
+    """``y`` as (samples, channels) in float64."""
+    c = y.shape[axis]
+    return y.detach().to(torch.float64).movedim(axis, -1).reshape(-1, c)
+
+
+def output_channel_stats(
     models: Sequence[nn.Module],
     names: Sequence[str],
     data: Iterable[Any],
@@ -94,12 +125,37 @@ def batchnorm_output_stats(
     num_batches: int | None = None,
     device: torch.device | str | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and std of the outputs of the named BatchNorm layers,
-    averaged over ``models`` (with ``weights``); each model runs on its own.
+    """Per-channel mean and std of the outputs of the named submodules, averaged
+    over ``models`` with ``weights`` (REPAIR's target: ``Σ_m w_m μ_m`` and
+    ``Σ_m w_m σ_m``). Each model runs on its own, in eval mode.
+
+    Parameters
+    ----------
+    models : sequence of nn.Module
+        Models of one architecture (not modified).
+    names : sequence of str
+        Submodule names (``nn.Linear`` outputs use the last axis as channels,
+        other modules axis 1). Modules that never run are left out of the result.
+    data : iterable of batches
+        Calibration data.
+    weights : sequence of float, optional
+        Per-model weights (normalised; uniform by default).
 
     Returns
     -------
-    dict of name to (mean (C,), std (C,)), float64.
+    dict of str to (Tensor (C,), Tensor (C,))
+        Mean and std per module, float64.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from autoalign.repair import output_channel_stats
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    >>> with torch.no_grad():
+    ...     _ = net[0].weight.zero_(), net[0].bias.copy_(torch.tensor([1.0, -2.0]))
+    >>> mean, std = output_channel_stats([net], ["0"], [torch.randn(5, 3)])["0"]
+    >>> mean.tolist(), std.tolist()
+    ([1.0, -2.0], [0.0, 0.0])
     """
     fn = input_fn or default_input_fn
     n = len(models)
@@ -109,18 +165,19 @@ def batchnorm_output_stats(
         acc: dict[str, list[Any]] = {}
         hooks = []
 
-        def make_hook(name: str) -> Callable[..., None]:
+        def make_hook(name: str, axis: int) -> Callable[..., None]:
             def hook(_m: nn.Module, _inp: Any, y: torch.Tensor) -> None:
-                y = y.detach().double().movedim(1, -1).reshape(-1, y.shape[1])
+                y2 = _per_channel(y, axis)
                 a = acc.setdefault(name, [0, 0.0, 0.0])
-                a[0] += y.shape[0]
-                a[1] = a[1] + y.sum(0)
-                a[2] = a[2] + (y * y).sum(0)
+                a[0] += y2.shape[0]
+                a[1] = a[1] + y2.sum(0)
+                a[2] = a[2] + (y2 * y2).sum(0)
 
             return hook
 
         for name in names:
-            hooks.append(model.get_submodule(name).register_forward_hook(make_hook(name)))
+            mod = model.get_submodule(name)
+            hooks.append(mod.register_forward_hook(make_hook(name, channel_axis(mod))))
         dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
         try:
             with torch.no_grad(), eval_mode(model):
@@ -139,6 +196,33 @@ def batchnorm_output_stats(
     return out
 
 
+def batchnorm_output_stats(
+    models: Sequence[nn.Module],
+    names: Sequence[str],
+    data: Iterable[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    input_fn: Callable[[Any], Any] | None = None,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Per-channel mean and std of the outputs of the named BatchNorm layers,
+    averaged over ``models`` (see :func:`output_channel_stats`).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from autoalign.repair import batchnorm_output_stats
+    >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(2)).eval()
+    >>> mean, std = batchnorm_output_stats([net], ["0"], [torch.zeros(4, 2)])["0"]
+    >>> mean.tolist()
+    [0.0, 0.0]
+    """
+    return output_channel_stats(
+        models, names, data, weights=weights, input_fn=input_fn, num_batches=num_batches, device=device
+    )
+
+
 def set_batchnorm_affine(model: nn.Module, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
     """Give each named BatchNorm the affine ``weight = std``, ``bias = mean`` of ``targets``,
     so that (with freshly estimated running statistics) its outputs have those
@@ -148,3 +232,188 @@ def set_batchnorm_affine(model: nn.Module, targets: dict[str, tuple[torch.Tensor
             bn = model.get_submodule(name)
             bn.weight.copy_(std.to(bn.weight.dtype))
             bn.bias.copy_(mean.to(bn.bias.dtype))
+
+
+def repair_sites(model: nn.Module, spec: "MergeSpec") -> tuple[list[str], list[str]]:
+    """Where REPAIR acts: producer modules and BatchNorm layers of non-frozen merge points.
+
+    Producers are the ``nn.Linear`` / ``nn.Conv{1,2,3}d`` modules whose output
+    channels belong to a merge point that is not frozen, except those feeding a
+    BatchNorm that the spec can fold (that BatchNorm is repaired instead).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The (merged) model.
+    spec : MergeSpec
+        Its merge spec.
+
+    Returns
+    -------
+    producers : list of str
+        Module names of the producers to correct.
+    batchnorms : list of str
+        Module names of the BatchNorm layers whose affine gets the targets.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> from autoalign.repair import repair_sites
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 8),
+    ...                           torch.nn.BatchNorm1d(8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    >>> repair_sites(net, autoalign.find_merge_points(net, torch.randn(2, 4)))
+    (['0'], ['3'])
+    """
+    live = {i for i, p in enumerate(spec.points) if p.kind != "frozen"}
+    touched: dict[str, set[str]] = {}
+    for a in spec.axes:
+        if a.axis == 0 and any(int(i) in live for i in a.point_of):
+            touched.setdefault(a.tensor, set()).add(a.role)
+    folded_producers = {f.producer_weight for f in spec.folds}
+    producers, bns = [], []
+    for name, mod in model.named_modules():
+        key = f"{name}.weight"
+        key = spec.aliases.get(key, key)
+        if isinstance(mod, PRODUCER_TYPES):
+            if "output" in touched.get(key, ()) and key not in folded_producers:
+                producers.append(name)
+        elif isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine and mod.track_running_stats:
+            if touched.get(key) or touched.get(f"{name}.running_mean"):
+                bns.append(name)
+    return producers, bns
+
+
+def repair_producers(
+    model: nn.Module,
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]],
+    data: Iterable[Any],
+    *,
+    input_fn: Callable[[Any], Any] | None = None,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+    progress: bool = False,
+    eps: float = 1e-12,
+) -> dict[str, str]:
+    """REPAIR (Jordan et al., ICLR 2023): give every named module's output the
+    per-channel mean and std of ``targets``, folded into the model (in place).
+
+    BatchNorm layers named in ``targets`` get the target as their affine
+    (``weight = σ_t``, ``bias = μ_t``) and freshly estimated running statistics.
+    Producers (``nn.Linear`` / ``nn.Conv*d``) are corrected in one pass over
+    ``data``: a hook replaces each producer's output ``y`` by
+    ``(y − μ_b) / σ_b · σ_t + μ_t`` with the batch's statistics (like BatchNorm
+    in training mode, so every later layer sees already corrected inputs) while
+    accumulating ``μ̂, σ̂`` of ``y`` over all batches; then
+    ``W ← W · σ_t/σ̂`` and ``b ← (b − μ̂) · σ_t/σ̂ + μ_t`` per output channel.
+    A producer without bias can only be rescaled (its mean is left). A channel
+    that is constant on the data (``σ̂ ≈ 0``) keeps its scale and is only shifted.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The merged model (modified in place; train/eval flags restored).
+    targets : dict of str to (Tensor (C,), Tensor (C,))
+        Target mean and std per module name (see :func:`output_channel_stats`).
+    data : iterable of batches
+        Calibration data.
+    eps : float
+        Added to variances before taking square roots.
+
+    Returns
+    -------
+    dict of str to str
+        Notes per module that could not be fully corrected (e.g. no bias, never ran).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from autoalign.repair import repair_producers, output_channel_stats
+    >>> torch.manual_seed(0)
+    <torch._C.Generator object at ...>
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 2))
+    >>> x = torch.randn(64, 3)
+    >>> target = {"0": (torch.tensor([1.0, 2.0]), torch.tensor([0.5, 3.0]))}
+    >>> repair_producers(net, target, [x])
+    {}
+    >>> mean, std = output_channel_stats([net], ["0"], [x])["0"]
+    >>> [round(v, 3) for v in mean.tolist() + std.tolist()]
+    [1.0, 2.0, 0.5, 3.0]
+    """
+    fn = input_fn or default_input_fn
+    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    notes: dict[str, str] = {}
+    bn_targets = {k: v for k, v in targets.items() if isinstance(model.get_submodule(k), nn.modules.batchnorm._BatchNorm)}
+    prod_targets = {k: v for k, v in targets.items() if k not in bn_targets}
+    set_batchnorm_affine(model, bn_targets)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    flags = [(m, m.training) for m in model.modules()]
+    momenta = [(m, m.momentum) for m in bns]
+    acc: dict[str, list[Any]] = {}
+    hooks = []
+
+    def make_hook(name: str, axis: int, mean_t: torch.Tensor, std_t: torch.Tensor) -> Callable[..., torch.Tensor]:
+        def hook(_m: nn.Module, _inp: Any, y: torch.Tensor) -> torch.Tensor:
+            y2 = _per_channel(y, axis)
+            a = acc.setdefault(name, [0, 0.0, 0.0])
+            a[0] += y2.shape[0]
+            a[1] = a[1] + y2.sum(0)
+            a[2] = a[2] + (y2 * y2).sum(0)
+            mb = y2.mean(0)
+            sb = torch.sqrt(torch.clamp(y2.var(0, unbiased=False), min=0.0) + eps)
+            mt, st = mean_t.to(y2), std_t.to(y2)
+            scale = torch.where(sb > 1e-6 * (1.0 + st), st / sb, torch.ones_like(sb))
+            shape = [1] * y.dim()
+            shape[axis] = -1
+            z = (y.to(torch.float64) - mb.reshape(shape)) * scale.reshape(shape) + mt.reshape(shape)
+            return z.to(y.dtype)
+
+        return hook
+
+    seen = 0
+    try:
+        model.eval()
+        for m in bns:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        for name, (mt, st) in prod_targets.items():
+            mod = model.get_submodule(name)
+            hooks.append(mod.register_forward_hook(make_hook(name, channel_axis(mod), mt, st)))
+        it: Iterable[Any] = data
+        if progress:
+            from tqdm.auto import tqdm
+
+            it = tqdm(data, desc="repair", unit="batch", leave=False)
+        with torch.no_grad():
+            for inputs in iter_model_inputs(it, input_fn=fn, num_batches=num_batches, device=dev):
+                model(*inputs)
+                seen += 1
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mom in momenta:
+            m.momentum = mom
+        for m, flag in flags:
+            m.training = flag
+    if seen == 0:
+        raise MergeError("repair: the calibration data yielded no batch")
+    with torch.no_grad():
+        for name, (mt, st) in prod_targets.items():
+            if name not in acc:
+                notes[name] = "never ran on the calibration data; left as is"
+                continue
+            mod = model.get_submodule(name)
+            cnt, s, q = acc[name]
+            mean = s / cnt
+            std = torch.sqrt(torch.clamp(q / cnt - mean * mean, min=0.0) + eps)
+            mt64, st64 = mt.to(mean), st.to(mean)
+            scale = torch.where(std > 1e-6 * (1.0 + st64), st64 / std, torch.ones_like(std))
+            w = mod.weight
+            shape = [-1] + [1] * (w.dim() - 1)
+            w.copy_((w.to(torch.float64) * scale.to(w.device).reshape(shape)).to(w.dtype))
+            if mod.bias is not None:
+                b = (mod.bias.to(torch.float64) - mean.to(w.device)) * scale.to(w.device) + mt64.to(w.device)
+                mod.bias.copy_(b.to(mod.bias.dtype))
+            else:
+                notes[name] = "no bias: std matched, mean left as is"
+    return notes
