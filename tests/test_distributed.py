@@ -1,0 +1,127 @@
+"""Distributed statistics: two CPU processes (gloo), each feeding half of the
+calibration batches, merge to the same model as one process on all batches.
+
+The workers run in subprocesses (one thread each) with a free localhost port;
+every case is merged in the same pair of processes to pay the start-up once.
+"""
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from torch import nn
+
+import autoalign
+
+WORLD = 2
+N_BATCHES = 4
+
+#: (case name, aligner, with BatchNorm). The models use tanh: with ReLU, units dead on the
+#: calibration data give exactly zero canonical correlations, whose pairing CCA leaves
+#: arbitrary, so float-rounding differences of the sums can pick another one.
+CASES = [("cca", "cca", False), ("permutation", "permutation", False), ("permutation_bn", "permutation", True), ("cca_bn", "cca", True)]
+
+_COMMON = textwrap.dedent(
+    """
+    import torch
+    from torch import nn
+
+    def make_model(seed, bn):
+        torch.manual_seed(seed)
+        layers = [nn.Linear(6, 16)] + ([nn.BatchNorm1d(16)] if bn else []) + [nn.Tanh(), nn.Linear(16, 12), nn.Tanh(), nn.Linear(12, 3)]
+        return nn.Sequential(*layers)
+
+    def make_data():
+        g = torch.Generator().manual_seed(123)
+        return [torch.randn(48, 6, generator=g) for _ in range(N_BATCHES)]
+    """
+)
+
+_WORKER = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import torch.distributed as dist
+    torch.set_num_threads(1)
+    import autoalign
+
+    rank, out_dir = int(os.environ["RANK"]), sys.argv[1]
+    dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["MASTER_PORT"], rank=rank, world_size=WORLD)
+    try:
+        shard = make_data()[rank::WORLD]
+        for case, aligner, bn in CASES:
+            models = [make_model(s, bn) for s in range(3)]
+            merged = autoalign.merge(models, shard, aligner=aligner)
+            torch.save(merged.state_dict(), os.path.join(out_dir, f"{case}_{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+    """
+)
+
+exec(_COMMON, globals())  # make_model, make_data: the same definitions as the workers'
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def distributed_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    script = out / "worker.py"
+    script.write_text(f"WORLD = {WORLD}\nN_BATCHES = {N_BATCHES}\nCASES = {CASES!r}\n" + _COMMON + _WORKER)
+    env = dict(os.environ, MASTER_PORT=str(_free_port()), OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(out)], env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for r in range(WORLD)
+    ]
+    logs = []
+    try:
+        for p in procs:
+            logs.append(p.communicate(timeout=120)[0].decode(errors="replace"))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r, p in enumerate(procs):
+        assert p.returncode == 0, f"rank {r} failed:\n{logs[r]}"
+    return {(case, r): torch.load(out / f"{case}_{r}.pt") for case, _, _ in CASES for r in range(WORLD)}
+
+
+_PER_PROCESS = pytest.mark.xfail(
+    strict=False,
+    reason="cca folds BatchNorm into its producer; the REPAIR targets of folded BatchNorms "
+    "(repair.output_channel_stats) are still computed per process (docs/robustness.md)",
+)
+PARAMS = [pytest.param(*c, marks=_PER_PROCESS) if c[0] == "cca_bn" else c for c in CASES]
+
+
+@pytest.mark.parametrize("case, aligner, bn", PARAMS)
+def test_two_processes_merge_like_one_process_on_all_data(distributed_results, case, aligner, bn):
+    single = autoalign.merge([make_model(s, bn) for s in range(3)], make_data(), aligner=aligner).state_dict()
+    for r in range(WORLD):
+        got = distributed_results[(case, r)]
+        assert got.keys() == single.keys()
+        for k, v in single.items():
+            if v.is_floating_point():
+                torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6 * float(v.abs().max()) + 1e-12, msg=f"rank {r}: {k}")
+            else:
+                assert torch.equal(got[k], v), (r, k)  # e.g. num_batches_tracked: all batches of all processes
+    # every process ends with the same model
+    for k in single:
+        assert torch.equal(distributed_results[(case, 0)][k], distributed_results[(case, 1)][k]), k
+
+
+def test_statistics_helpers_are_no_ops_without_torch_distributed():
+    net = nn.BatchNorm1d(3)
+    net.running_mean.fill_(2.0)
+    assert autoalign.stats.sync_batchnorm_stats(net) is net and float(net.running_mean[0]) == 2.0
+    acc = {"x": [5, torch.ones(2), torch.ones(2)]}
+    autoalign.stats.all_reduce_moments(acc)
+    assert acc["x"][0] == 5
