@@ -15,6 +15,7 @@ from torch import nn
 from .aligners import AlignProblem, Aligner, Plan, PointPlan, get_aligner
 from .aligners.linalg import is_orthogonal, is_permutation, nearest_orthogonal, nearest_permutation
 from .apply import average_state_dicts, folds_needed, transform_state_dict
+from .averaging import AVERAGINGS, average_aligned
 from .errors import DataError, MergeError
 from .graph.discover import find_merge_points
 from .validate import NO_BATCH, check_example, check_merged, validate_models, validate_options
@@ -33,7 +34,7 @@ from .trace import as_input_tuple, eval_mode
 __all__ = ["merge", "merge_with_report", "MergeResult", "MergeReport", "PointReport"]
 
 REPAIRS = ("auto", "reset_bn", "repair", None)
-SCHEMES = ("all_to_one", "iterative")
+SCHEMES = ("all_to_one", "iterative", "hierarchical")
 ITERATIVE_TOL = 1e-3
 
 
@@ -101,6 +102,8 @@ class MergeReport:
     iterations: int = 0
     plan_change: float | None = None
     repair_notes: dict[str, str] = field(default_factory=dict)
+    averaging: str = "uniform"
+    averaging_info: dict[str, Any] = field(default_factory=dict)
 
     def table(self) -> str:
         """A plain-text table of the per-point outcomes."""
@@ -234,6 +237,46 @@ def _apply_plan(
     return moved, folds, average_state_dicts(moved, w.tolist())
 
 
+def _merge_hierarchical(
+    work: list[nn.Module],
+    data: Iterable[Any],
+    al: Aligner,
+    spec: MergeSpec,
+    reference: int,
+    w: torch.Tensor,
+    timings: dict[str, float],
+    *,
+    training: bool,
+    **kwargs: Any,
+) -> MergeResult:
+    """Merge pairs, then pairs of merged models, as a binary tree (the reference leads every pair it is in)."""
+    order = [reference] + [i for i in range(len(work)) if i != reference]
+    level = [(work[i], float(w[i])) for i in order]
+    rounds = 0
+    result: MergeResult | None = None
+    totals = dict(timings)
+    while len(level) > 1:
+        nxt = []
+        for k in range(0, len(level) - 1, 2):
+            (a, wa), (b, wb) = level[k], level[k + 1]
+            pair_w = [wa, wb] if wa + wb > 0 else [0.5, 0.5]
+            result = merge_with_report([a, b], data, aligner=al, reference=0, weights=pair_w, scheme="all_to_one", spec=spec, **kwargs)
+            for key, sec in result.report.timings.items():
+                if key != "discover":
+                    totals[key] = totals.get(key, 0.0) + sec
+            nxt.append((result.model, wa + wb))
+        if len(level) % 2:
+            nxt.append(level[-1])
+        level = nxt
+        rounds += 1
+    assert result is not None
+    report = result.report
+    report.scheme, report.iterations, report.reference, report.weights = "hierarchical", rounds, reference, w.tolist()
+    report.timings = totals
+    result.model.train(training)
+    return MergeResult(result.model, report, spec, result.plan, None, result.repair_targets)
+
+
 def merge_with_report(
     models: Sequence[nn.Module],
     data: Iterable[Any],
@@ -243,6 +286,8 @@ def merge_with_report(
     weights: Sequence[float] | None = None,
     scheme: str = "all_to_one",
     max_iterations: int = 10,
+    averaging: str = "uniform",
+    averaging_options: dict[str, Any] | None = None,
     repair: str | None = "auto",
     num_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -284,6 +329,8 @@ def merge_with_report(
         raise MergeError(f"repair must be one of {REPAIRS}, got {repair!r}")
     if scheme not in SCHEMES:
         raise MergeError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if averaging not in AVERAGINGS:
+        raise MergeError(f"averaging must be one of {AVERAGINGS}, got {averaging!r}")
     if not isinstance(max_iterations, int) or max_iterations < 1:
         raise MergeError(f"max_iterations must be a positive int, got {max_iterations!r}")
     if iter(data) is data:  # type: ignore[comparison-overlap]
@@ -332,6 +379,14 @@ def merge_with_report(
         check_example(work[0], example)
         spec = find_merge_points(work[0], example, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     timings["discover"] = time.perf_counter() - t0
+
+    if scheme == "hierarchical":
+        return _merge_hierarchical(
+            work, data, al, spec, reference, w, timings, repair=repair, averaging=averaging,
+            averaging_options=averaging_options, num_batches=num_batches, device=device, input_fn=input_fn,
+            progress=progress, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+            training=models[reference].training,
+        )
 
     t0 = time.perf_counter()
     stats = None
@@ -382,7 +437,19 @@ def merge_with_report(
             if change <= ITERATIVE_TOL:
                 break
 
-    report = MergeReport(repr(al), reference, w.tolist(), scheme=scheme, iterations=iterations, plan_change=change)
+    averaging_info: dict[str, Any] = {}
+    if averaging != "uniform" or averaging_options:
+        t0 = time.perf_counter()
+        merged_sd, averaging_info = average_aligned(
+            averaging, work[reference], moved, w.tolist(), data, options=averaging_options, input_fn=fn,
+            num_batches=num_batches, device=device,
+        )
+        timings["averaging"] = time.perf_counter() - t0
+
+    report = MergeReport(
+        repr(al), reference, w.tolist(), scheme=scheme, iterations=iterations, plan_change=change,
+        averaging=averaging, averaging_info=averaging_info,
+    )
     for p in spec.points:
         pp = plan.points.get(p.name)
         if pp is not None:
@@ -440,6 +507,8 @@ def merge(
     weights: Sequence[float] | None = None,
     scheme: str = "all_to_one",
     max_iterations: int = 10,
+    averaging: str = "uniform",
+    averaging_options: dict[str, Any] | None = None,
     repair: str | None = "auto",
     num_batches: int | None = None,
     device: torch.device | str | None = None,
@@ -474,8 +543,19 @@ def merge(
         matrix changes by more than 0.1 % (relative Frobenius norm) or
         ``max_iterations`` rounds — MergeMany (Ainsworth et al. 2023) for
         statistics-based aligners; needs an aligner with ``needs="reference"``.
+        ``"hierarchical"`` merges pairs, then pairs of merged models, as a
+        binary tree (the reference leads; pair weights are the sums of their
+        members'; the report's ``iterations`` is the tree depth and ``plan``
+        the last pair's); any aligner.
     max_iterations : int, default 10
         Upper bound on the rounds of ``scheme="iterative"``.
+    averaging : {"uniform", "fisher", "learned"}, default "uniform"
+        How the aligned models are combined (see :mod:`autoalign.averaging`):
+        the weighted mean; Fisher-weighted per element (Matena & Raffel 2022);
+        or per-layer / per-element coefficients learned on the calibration data.
+    averaging_options : dict, optional
+        Options of ``"fisher"`` (``labels``, ``chunk``, ``seed``) or
+        ``"learned"`` (``granularity``, ``lr``, ``epochs``, ``objective``, ``temperature``).
     repair : {"auto", "reset_bn", "repair", None}, default "auto"
         ``"reset_bn"`` re-estimates BatchNorm statistics (folded BatchNorms get
         the aligned models' output statistics as affine); ``"repair"`` is full
@@ -521,7 +601,7 @@ def merge(
     """
     return merge_with_report(
         models, data, aligner=aligner, reference=reference, weights=weights, scheme=scheme,
-        max_iterations=max_iterations, repair=repair,
+        max_iterations=max_iterations, averaging=averaging, averaging_options=averaging_options, repair=repair,
         num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
         leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, **aligner_options,
     ).model
