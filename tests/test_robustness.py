@@ -351,10 +351,10 @@ def test_rank_deficient_covariances_never_give_nan(kind):
 
 @pytest.mark.parametrize("aligner", autoalign.list_aligners())
 def test_merge_is_bitwise_deterministic(aligner):
-    def run():
-        models = [_mlp(s, bn=True) for s in range(3)]
-        return autoalign.merge(models, _data(), aligner=aligner).state_dict()
-
-    a, b = run(), run()
+    models = [_mlp(s, bn=True) for s in range(3)]
+    data = _data()
+    a = autoalign.merge(models, data, aligner=aligner).state_dict()
+    torch.rand(17)  # the global random state does not matter
+    b = autoalign.merge(models, data, aligner=aligner).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), (aligner, k)
