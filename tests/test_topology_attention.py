@@ -264,3 +264,59 @@ def test_mha_with_key_padding_mask_and_batch_first_flag(batch_first):
     assert spec.point("attn.v/h1").kind == "linear"
     report = autoalign.check(net, (x, mask), seed=10)
     assert report.ok, str(report)
+
+
+# ----------------------------------------------------------------------------- F.scaled_dot_product_attention
+
+
+class SDPAttention(nn.Module):
+    """Separate q/k/v projections, heads on axis 1, ``F.scaled_dot_product_attention``."""
+
+    def __init__(self, d=D, h=HEADS, causal=False):
+        super().__init__()
+        self.h, self.causal = h, causal
+        self.inp = nn.Linear(3, d)
+        self.q, self.k, self.v = nn.Linear(d, d), nn.Linear(d, d), nn.Linear(d, d)
+        self.proj = nn.Linear(d, d)
+        self.out = nn.Linear(d, 2)
+
+    def forward(self, x):
+        x = self.inp(x)
+        b, t, d = x.shape
+        heads = lambda y: y.reshape(b, t, self.h, d // self.h).transpose(1, 2)  # noqa: E731
+        o = F.scaled_dot_product_attention(heads(self.q(x)), heads(self.k(x)), heads(self.v(x)), is_causal=self.causal)
+        x = x + self.proj(o.transpose(1, 2).reshape(b, t, d))
+        return self.out(torch.relu(x)).mean(1)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_scaled_dot_product_attention_is_head_aware(causal):
+    torch.manual_seed(0)
+    net = SDPAttention(causal=causal)
+    x = torch.randn(2, 5, 3)
+    spec = autoalign.find_merge_points(net, x)
+    kinds = {p.name: (p.dim, p.kind) for p in spec.points}
+    assert kinds["inp"] == (D, "linear")
+    qk = [p for p in spec.points if p.kind == "orthogonal"]
+    vs = [p for p in spec.points if p.name.startswith("v")]
+    assert len(qk) == HEADS and all(p.dim == HD for p in qk)
+    assert len(vs) == HEADS and all(p.dim == HD and p.kind == "linear" for p in vs)
+    assert "scaled_dot_product_attention" in qk[0].reason
+    qi = [spec.index_of(p.name) for p in qk]
+    np.testing.assert_array_equal(_axis(spec, "q.weight", 0).point_of, np.repeat(qi, HD))
+    np.testing.assert_array_equal(_axis(spec, "k.weight", 0).point_of, np.repeat(qi, HD))
+    report = autoalign.check(net, x, seed=3)
+    assert report.ok, str(report)
+
+
+def test_scaled_dot_product_attention_head_transforms_are_exact():
+    torch.manual_seed(0)
+    net = SDPAttention().double()
+    x = torch.randn(2, 5, 3, dtype=torch.float64)
+    spec = autoalign.find_merge_points(net, x)
+    transforms = _random_transforms(spec, ("orthogonal", "linear"))
+    transforms.pop("inp")
+    sd = autoalign.transform_state_dict(net.state_dict(), spec, transforms)
+    other = SDPAttention().double()
+    other.load_state_dict(sd)
+    torch.testing.assert_close(other(x), net(x))

@@ -199,8 +199,30 @@ class RuleContext:
         return str(self.node.target) if self.node.op == "call_module" else self.node.name
 
     def describe(self) -> str:
-        """The node as fx formats it, for error messages."""
-        return self.node.format_node() or self.node.name
+        """The node in one short line for messages: ``%name = what(args)``.
+
+        ``what`` is the module path and class for ``call_module`` nodes, the
+        qualified function name for ``call_function`` and ``.method`` for
+        ``call_method``; arguments are shown by node name, cut at 60 characters.
+        """
+        n = self.node
+        if n.op == "call_module":
+            what = f"{n.target} ({type(self.module).__name__})" if self.module is not None else str(n.target)
+        elif n.op == "call_function":
+            t = n.target
+            mod = getattr(t, "__module__", None) or ""
+            mod = {"_operator": "operator", "torch._C._nn": "torch.nn.functional", "torch._C._VariableFunctions": "torch"}.get(mod, mod)
+            name = getattr(t, "__name__", str(t))
+            what = f"{mod}.{name}" if mod else name
+        elif n.op == "call_method":
+            what = f".{n.target}"
+        else:
+            return f"%{n.name}"
+        parts = [str(a) for a in n.args] + [f"{k}={v}" for k, v in n.kwargs.items()]
+        args = ", ".join(p if not isinstance(a, fx.Node) else f"%{p}" for p, a in zip(parts, list(n.args) + list(n.kwargs.values())))
+        if len(args) > 60:
+            args = args[:57] + "..."
+        return f"%{n.name} = {what}({args})"
 
     def arg(self, index: int, name: str | None = None, default: Any = None) -> Any:
         """The raw argument (an ``fx.Node`` or constant) by position or keyword."""

@@ -791,6 +791,35 @@ def _einsum(ctx: RuleContext) -> Any:
 register_channel_rule(torch.einsum, _einsum)
 
 
+def _sdpa(ctx: RuleContext) -> Any:
+    """``F.scaled_dot_product_attention(q, k, v)`` = ``softmax(q kᵀ · scale) v``: queries and keys
+    are contracted with each other (orthogonal, per head), values pass to the output (per head)."""
+    q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
+    vq, vk, vv = ctx.value(q), ctx.value(k), ctx.value(v)
+    if not all(isinstance(t, torch.Tensor) and t.dim() >= 2 for t in (vq, vk, vv)):
+        return unknown(ctx)
+    if ctx.value(ctx.node.kwargs.get("enable_gqa", False)):
+        return unknown(ctx, f"{ctx.describe()}: grouped-query attention (enable_gqa=True) is not supported")
+    lq, lk, lv = ctx.label(q), ctx.label(k), ctx.label(v)
+    if lq is None and lk is None and lv is None:
+        return None
+    if any(ctx.origin(t) is not None for t in (q, k, v)):
+        return unknown(ctx, f"{ctx.describe()}: attention on a parameter tensor")
+    bshape = torch.broadcast_shapes(vq.shape[:-2], vk.shape[:-2], vv.shape[:-2])
+    nb = len(bshape)
+    lq = None if lq is None else lq.expand(*bshape, *vq.shape[-2:])
+    lk = None if lk is None else lk.expand(*bshape, *vk.shape[-2:])
+    lv = None if lv is None else lv.expand(*bshape, *vv.shape[-2:])
+    batch = _LETTERS[:nb]
+    scores = _bilinear(ctx, lq, batch + "LE", lk, batch + "SE", batch + "LS")
+    if scores is not None:
+        ctx.freeze(scores, f"{ctx.describe()}: attention scores carry feature coordinates")
+    return _bilinear(ctx, None, batch + "LS", lv, batch + "SV", batch + "LV")
+
+
+register_channel_rule(F.scaled_dot_product_attention, _sdpa)
+
+
 def _attention_block(
     ctx: RuleContext, in_vecs: Sequence[torch.Tensor | None], wkey: str | None, bkey: str | None, embed: int, heads: int,
     out_wkey: str | None, out_bkey: str | None, prefix: str, site_inputs: Sequence[Any] | None = None,
