@@ -33,7 +33,7 @@ Roles
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
 import numpy as np
@@ -76,6 +76,22 @@ def _replica_index(positions: np.ndarray, locals_: np.ndarray, dim: int) -> np.n
     return positions[order].reshape(dim, reps).T.copy()
 
 
+def _dataclass_eq(a: Any, b: Any) -> bool:
+    """Field-wise equality of two dataclass instances, numpy arrays compared by value."""
+    if type(a) is not type(b):
+        return NotImplemented  # type: ignore[return-value]
+    for f in fields(a):
+        if not f.compare:
+            continue
+        x, y = getattr(a, f.name), getattr(b, f.name)
+        if isinstance(x, np.ndarray) or isinstance(y, np.ndarray):
+            if not (isinstance(x, np.ndarray) and isinstance(y, np.ndarray) and np.array_equal(x, y)):
+                return False
+        elif x != y:
+            return False
+    return True
+
+
 @dataclass(frozen=True)
 class Site:
     """A tensor in the traced graph where a merge point's features can be observed.
@@ -116,6 +132,8 @@ class Site:
     kind: str = "input"
     weight: str | None = None
     bias: str | None = None
+
+    __eq__ = _dataclass_eq
 
     def to_dict(self) -> dict[str, Any]:
         d = {"node": self.node, "axis": self.axis, "index": self.index.tolist(), "kind": self.kind}
@@ -275,6 +293,8 @@ class AxisRole:
     local_of: np.ndarray
     block: tuple[int, int, int] | None = None
     _index: dict[int, np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+    __eq__ = _dataclass_eq
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:

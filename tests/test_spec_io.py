@@ -323,3 +323,16 @@ def test_spec_names_only_keys_of_the_model_state_dict():
     assert {a.tensor for a in spec.axes} <= keys
     assert set(spec.unused) <= keys
     assert autoalign.check(net, x, spec=spec).ok
+
+
+def test_specs_compare_by_value_including_their_index_arrays():
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Flatten(), nn.Linear(8, 3))
+    a = autoalign.find_merge_points(net, torch.randn(2, 4))
+    assert a == autoalign.find_merge_points(net, torch.randn(3, 4))
+    assert a == MergeSpec.from_json(a.to_json())
+    assert a.points[0] == MergeSpec.from_json(a.to_json()).points[0]
+    site = a.points[0].sites[0]
+    moved = dataclasses.replace(site, index=site.index[:, ::-1].copy())
+    assert moved != site
+    wider = nn.Sequential(nn.Linear(4, 9), nn.ReLU(), nn.Flatten(), nn.Linear(9, 3))
+    assert a != autoalign.find_merge_points(wider, torch.randn(2, 4))
