@@ -8,10 +8,12 @@ and ``cca`` (CCA Merge). Third-party aligners register through
 from .base import AlignProblem, Aligner, Plan, PointPlan, PointwiseAligner, identity_plan, permutation_matrix
 from .cca import CCAAligner, cca_transform
 from .identity import IdentityAligner
+from .lstsq import LstsqAligner, lstsq_transform
 from .mcca import MCCAAligner, mcca_transforms
 from .ot import OTAligner
 from .zipit import ZipItAligner
 from .permutation import PermutationAligner
+from .procrustes import ProcrustesAligner, procrustes_transform
 from .weight_matching import WeightMatchingAligner, weight_matching
 from .registry import describe_aligners, get_aligner, list_aligners, register_aligner, reload_plugins
 
@@ -20,12 +22,14 @@ __all__ = [
     "Aligner",
     "CCAAligner",
     "IdentityAligner",
+    "LstsqAligner",
     "MCCAAligner",
     "OTAligner",
     "PermutationAligner",
     "Plan",
     "PointPlan",
     "PointwiseAligner",
+    "ProcrustesAligner",
     "WeightMatchingAligner",
     "ZipItAligner",
     "cca_transform",
@@ -33,8 +37,10 @@ __all__ = [
     "get_aligner",
     "identity_plan",
     "list_aligners",
+    "lstsq_transform",
     "mcca_transforms",
     "permutation_matrix",
+    "procrustes_transform",
     "register_aligner",
     "weight_matching",
     "reload_plugins",

@@ -1,0 +1,140 @@
+"""``procrustes``: the best orthogonal map onto the reference (orthogonal Procrustes), all-to-one.
+
+An ablation between activation matching and CCA Merge (Horoi et al., ICML 2024):
+a rotation/reflection of the feature space has more freedom than a permutation
+(Li et al. 2016) but, unlike CCA's map, preserves the geometry of the features.
+For a merge point with reference features ``x`` and model features ``y``, the
+orthogonal ``Q`` minimising ``E‖x − μ_x − Q (y − μ_y)‖²`` is ``Q = U Vᵀ`` from the SVD
+``C_xy = U S Vᵀ`` of the cross-covariance (Schönemann 1966); ``merges[m] = Q``,
+``unmerges[m] = Qᵀ``.
+
+Relation to ``cca``: with ridged covariances ``S = C + γ I`` and ``γ → ∞``, CCA's
+whitening ``S^{-1/2}`` tends to ``γ^{-1/2} I``, so its map
+``S_xx^{1/2} U' V'ᵀ S_yy^{-1/2}`` tends to ``(γ_x/γ_y)^{1/2} · Q``, with an
+``O(1/γ)`` error: exactly ``Q`` with ``ridge_mode="absolute"`` and
+``(tr C_xx / tr C_yy)^{1/2} · Q`` with the default relative ridge.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..spec import MergePoint
+from ..stats import PointStats
+from .base import AlignProblem, PointPlan, PointwiseAligner, identity_plan
+from .lstsq import matched_correlation
+from .registry import register_aligner
+
+__all__ = ["ProcrustesAligner", "procrustes_transform"]
+
+#: Singular values of the cross-covariance below this fraction of the largest count as zero.
+_SV_RTOL = 1e-10
+
+
+def procrustes_transform(cxy: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Orthogonal Procrustes map of ``y``-features onto ``x``-features.
+
+    Parameters
+    ----------
+    cxy : Tensor, shape (d, d)
+        Cross-covariance ``E[(x − μ_x)(y − μ_y)ᵀ]`` (or a cross-correlation).
+
+    Returns
+    -------
+    Q : Tensor, shape (d, d)
+        The orthogonal matrix maximising ``tr(Qᵀ C_xy)``: ``U Vᵀ`` from
+        ``C_xy = U S Vᵀ``. When ``C_xy`` is rank-deficient (singular values below
+        ``1e-10`` of the largest count as zero) the maximiser is not unique on the
+        null spaces; of those, the one nearest the identity is used, so
+        identical models get ``Q = I`` even with dead units.
+    rank : int
+        The numerical rank of ``C_xy``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> q = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)   # a rotation
+    >>> cxx = torch.tensor([[2.0, 0.5], [0.5, 1.0]], dtype=torch.float64)
+    >>> Q, rank = procrustes_transform(cxx @ q)      # y = qᵀ x exactly, so C_xy = C_xx q
+    >>> torch.allclose(Q, q), rank
+    (True, 2)
+    """
+    d = cxy.shape[0]
+    u, s, vt = torch.linalg.svd(cxy)
+    smax = float(s[0]) if s.numel() else 0.0
+    rank = int((s > _SV_RTOL * smax).sum()) if smax > 0 else 0
+    q = u[:, :rank] @ vt[:rank]
+    if rank < d:
+        # orthogonal maps from the right null space onto the left one: U0 R V0ᵀ; the one
+        # nearest I maximises tr(R V0ᵀ U0), i.e. R is the polar factor of U0ᵀ V0
+        u0, v0 = u[:, rank:], vt[rank:].T
+        a, _, ct = torch.linalg.svd(u0.T @ v0)
+        q = q + u0 @ (a @ ct) @ v0.T
+    return q, rank
+
+
+@register_aligner
+class ProcrustesAligner(PointwiseAligner):
+    """Orthogonal Procrustes: the rotation/reflection of every model's features closest to the reference's.
+
+    Model ``m``'s merge matrix is ``Q_m = U Vᵀ`` from the SVD ``C_xy = U S Vᵀ`` of the
+    cross-covariance of the reference's centred features ``x`` and the model's ``y``
+    (Schönemann 1966), its unmerge ``Q_mᵀ``; the reference gets the identity. It
+    sits between activation matching (Li et al. 2016), whose permutations are
+    orthogonal too, and CCA Merge (Horoi et al., ICML 2024), whose map tends to
+    ``Q_m`` times a scalar as its ridge grows. The score is the mean correlation of
+    each reference feature with the same coordinate of ``Q_m y``.
+
+    Parameters
+    ----------
+    standardize : bool, default False
+        Take the SVD of the cross-correlation ``D_x^{-1/2} C_xy D_y^{-1/2}`` (the
+        features' variances floored as in :meth:`autoalign.stats.PointStats.corr`)
+        instead of the cross-covariance, so every feature counts equally, as in
+        activation matching. ``Q_m`` is still applied to the raw features (it is the
+        orthogonal map chosen by a different criterion, not the optimum in the
+        standardised coordinates mapped back, which would not be orthogonal).
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> autoalign.get_aligner("procrustes", standardize=True)
+    ProcrustesAligner(standardize=True)
+    >>> _ = torch.manual_seed(0)
+    >>> a = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> result = autoalign.merge_with_report([a, a], [torch.randn(32, 3)], aligner="procrustes")
+    >>> [pp.kind for pp in result.plan.points.values()]
+    ['orthogonal']
+    """
+
+    name = "procrustes"
+    needs = "reference"
+    description = "orthogonal Procrustes on the cross-covariance, all-to-one (Schönemann 1966)"
+
+    def __init__(self, *, standardize: bool = False) -> None:
+        if not isinstance(standardize, bool):
+            raise ValueError(f"standardize must be True or False, got {standardize!r}")
+        self.standardize = standardize
+
+    def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
+        assert stats is not None
+        ref = problem.reference
+        cxx = stats.cov(ref)
+        if float(torch.trace(cxx)) <= 0:
+            return identity_plan(point.dim, problem.n_models, note="reference features are constant; identity used")
+        eye = torch.eye(point.dim, dtype=torch.float64, device=cxx.device)
+        merges, unmerges, scores, notes = [], [], [], []
+        for m in range(problem.n_models):
+            if m == ref:
+                merges.append(eye)
+                unmerges.append(eye)
+                continue
+            cyy, cxy = stats.cov(m), stats.cov(ref, m)
+            q, rank = procrustes_transform(stats.corr(ref, m) if self.standardize else cxy)
+            if rank < point.dim:
+                notes.append(f"model {m}: cross-covariance of rank {rank} < {point.dim}; on its null space the rotation nearest the identity")
+            merges.append(q)
+            unmerges.append(q.T.contiguous())
+            scores.append(matched_correlation(cxx, cyy, cxy, q))
+        score = sum(scores) / len(scores) if scores else None
+        return PointPlan(merges, unmerges, kind="orthogonal", score=score, note="; ".join(notes) or None)
