@@ -87,16 +87,23 @@ def fold_batchnorm(
         b = sd[f.producer_bias].double() if f.producer_bias else torch.zeros_like(mean)
         s = gamma / torch.sqrt(var + f.eps)
         dt = sd[f.producer_weight].dtype
-        sd[f.producer_weight] = (w * s.reshape(-1, *([1] * (w.dim() - 1)))).to(dt)
-        if f.producer_bias:
-            sd[f.producer_bias] = torch.zeros_like(sd[f.producer_bias])
+        shape = [1] * w.dim()
+        shape[f.producer_axis] = -1
+        sd[f.producer_weight] = (w * s.reshape(shape)).to(dt)
         if f.weight:
             sd[f.weight] = torch.ones_like(sd[f.weight])
-        if not f.bias:
-            raise SpecError(f"cannot fold BatchNorm {f.running_mean.rsplit('.', 1)[0]!r} without an affine bias")
-        sd[f.bias] = (s * (b - mean) + beta).to(sd[f.bias].dtype)
-        sd[f.running_mean] = torch.zeros_like(sd[f.running_mean])
+        offset = s * (b - mean) + beta
         sd[f.running_var] = torch.full_like(sd[f.running_var], 1.0 - f.eps)
+        if f.bias:  # the offset goes to the BatchNorm's bias ...
+            if f.producer_bias:
+                sd[f.producer_bias] = torch.zeros_like(sd[f.producer_bias])
+            sd[f.bias] = offset.to(sd[f.bias].dtype)
+            sd[f.running_mean] = torch.zeros_like(sd[f.running_mean])
+        elif f.producer_bias:  # ... or (affine=False) to the producer's bias ...
+            sd[f.producer_bias] = offset.to(sd[f.producer_bias].dtype)
+            sd[f.running_mean] = torch.zeros_like(sd[f.running_mean])
+        else:  # ... or to the running mean, which the BatchNorm subtracts
+            sd[f.running_mean] = (-offset).to(sd[f.running_mean].dtype)
     return sd
 
 

@@ -468,7 +468,7 @@ def merge_with_report(
             producers, bns = repair_sites(out, spec)
             names = producers + bns
         else:
-            names = sorted({f.running_mean.rsplit(".", 1)[0] for f in folds})
+            names = sorted({f.running_mean.rsplit(".", 1)[0] for f in folds if f.weight and f.bias})
         targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         if names:
             # REPAIR's target: the per-channel statistics the aligned models have there

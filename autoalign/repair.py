@@ -230,6 +230,8 @@ def set_batchnorm_affine(model: nn.Module, targets: dict[str, tuple[torch.Tensor
     with torch.no_grad():
         for name, (mean, std) in targets.items():
             bn = model.get_submodule(name)
+            if bn.weight is None or bn.bias is None:
+                continue  # affine=False: it normalises to unit variance, as the unmerged models did
             bn.weight.copy_(std.to(bn.weight.dtype))
             bn.bias.copy_(mean.to(bn.bias.dtype))
 

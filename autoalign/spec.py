@@ -387,6 +387,7 @@ class FoldedNorm:
     running_mean: str
     running_var: str
     eps: float
+    producer_axis: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return dict(self.__dict__)

@@ -169,15 +169,53 @@ def test_bn_after_residual_add_in_a_stream():
     _check_ok(net, x)
 
 
-def test_bn_without_affine_does_not_fold():
+@pytest.mark.parametrize(
+    "make, offset",
+    [
+        # affine=False: the folded offset goes to the producer's bias, or to the running mean
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 2, 1)), "0.bias"),
+        (lambda: nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 2, 1)),
+         "1.running_mean"),
+        # a transposed convolution's outputs are its weight's axis 1
+        (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 2, 1)), "1.bias"),
+        (lambda: nn.Sequential(nn.ConvTranspose2d(3, 4, 3, bias=False), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 2, 1)),
+         "1.running_mean"),
+    ],
+    ids=["affine-false", "affine-false-no-bias", "conv-transpose", "conv-transpose-affine-false-no-bias"],
+)
+def test_more_batchnorms_fold_and_take_a_dense_transform_exactly(make, offset):
     torch.manual_seed(0)
-    net = break_symmetry(nn.Sequential(nn.Conv2d(3, 4, 1, bias=False), nn.BatchNorm2d(4, affine=False), nn.Conv2d(4, 2, 1)))
-    x = torch.randn(2, 3, 2, 2)
+    net = break_symmetry(make().double())
+    with torch.no_grad():
+        net[1].running_mean.uniform_(-1, 1)
+        net[1].running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 4, 4, dtype=torch.float64)
     spec = autoalign.find_merge_points(net, x)
-    assert spec.folds == []
-    assert spec.point("0").kind == "permutation"
-    assert _roles(spec, "1") == {"running_mean": "channel", "running_var": "channel"}
-    _check_ok(net, x)
+    assert spec.point("0").kind == "linear" and len(spec.folds) == 1
+    assert _axis(spec, offset, 0).role == "output"
+    _check_ok(net.float(), x.float())
+    net = net.double().eval()
+    folded = copy.deepcopy(net)
+    folded.load_state_dict(autoalign.fold_batchnorm(net.state_dict(), spec))
+    torch.testing.assert_close(folded(x), net(x))
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(4, 4, generator=g, dtype=torch.float64) + 3 * torch.eye(4, dtype=torch.float64)
+    other = copy.deepcopy(net)
+    other.load_state_dict(autoalign.transform_state_dict(net.state_dict(), spec, {"0": (m, torch.linalg.inv(m))}))
+    torch.testing.assert_close(other(x), net(x))
+
+
+def test_merging_affine_free_batchnorm_models_with_cca_folds_and_repairs():
+    def make(seed):
+        torch.manual_seed(seed)
+        return nn.Sequential(nn.Conv2d(3, 6, 3), nn.BatchNorm2d(6, affine=False), nn.ReLU(), nn.Conv2d(6, 4, 3),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).eval()
+
+    data = [torch.randn(16, 3, 8, 8)]
+    for repair in ("auto", "repair"):
+        res = autoalign.merge_with_report([make(s) for s in range(3)], data, aligner="cca", repair=repair)
+        assert res.report.folded_batchnorms == 1
+        assert torch.isfinite(res.model(data[0])).all()
 
 
 def test_fold_batchnorm_keeps_the_eval_function_and_resets_the_bn():

@@ -74,6 +74,7 @@ class LabelState:
     sites: list[tuple[str, int, str, torch.Tensor]] = field(default_factory=list)  # (node, axis, kind, labels)
     folds: list[Any] = field(default_factory=list)
     producers: dict[str, tuple[str, str | None, torch.Tensor]] = field(default_factory=dict)
+    producer_axes: dict[str, int] = field(default_factory=dict)  # weight axis of a producer's outputs when not 0
     labels: dict[fx.Node, Any] = field(default_factory=dict)
     values: dict[fx.Node, Any] = field(default_factory=dict)
     origins: dict[fx.Node, ParamOrigin] = field(default_factory=dict)

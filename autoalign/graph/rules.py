@@ -222,6 +222,9 @@ def _conv_like(
         ids = ctx.fresh(cout)
         ctx.role(wkey, 1, "output", ids)
         ctx.role(bkey, 0, "output", ids)
+        ctx.state.producers[ctx.node.name] = (wkey, bkey, ids)
+        ctx.state.producer_axes[ctx.node.name] = 1
+        ctx.state.output_sites.append((ctx.node.name, 1))
         return ctx.along(ids, ctx.out.shape, 1)
     cout, cin_g = weight_shape[0], weight_shape[1]
     cin = cin_g * groups
@@ -322,18 +325,24 @@ def batchnorm_module(ctx: RuleContext) -> Any:
         and len(x.users) == 1
         and keys["running_mean"] is not None
         and keys["running_var"] is not None
-        and keys["bias"] is not None
         and vec is not None
         and torch.equal(vec, prod[2])
     )
     if foldable:
         wkey, bkey, _ = prod
         ctx.state.folds.append(
-            FoldedNorm(wkey, bkey, keys["weight"], keys["bias"], keys["running_mean"], keys["running_var"], float(m.eps))
+            FoldedNorm(
+                wkey, bkey, keys["weight"], keys["bias"], keys["running_mean"], keys["running_var"], float(m.eps),
+                ctx.state.producer_axes.get(x.name, 0),
+            )
         )
+        # the folded offset lives in the BatchNorm's bias, else the producer's bias, else
+        # (affine=False, no producer bias) in the running mean, negated: all transform like a bias
+        offset = keys["bias"] or bkey or keys["running_mean"]
         for a in ("weight", "running_mean", "running_var"):
-            ctx.role(keys[a], 0, "folded", vec)
-        ctx.role(keys["bias"], 0, "output", vec)
+            if keys[a] != offset:
+                ctx.role(keys[a], 0, "folded", vec)
+        ctx.role(offset, 0, "output", vec)
         return lab
     why = "BatchNorm that cannot be folded into a preceding Linear/Conv (its input is not one used only by it)"
     _norm_channels(ctx, lab, 1, list(keys.values()), why)
