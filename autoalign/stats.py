@@ -41,7 +41,16 @@ __all__ = [
 
 def default_input_fn(batch: Any) -> tuple[Any, ...]:
     """Model inputs from a batch: a tensor, the first element of a tuple/list
-    ``(input, target)``, or the ``"input"``/``"image"``/``"x"`` entry of a dict."""
+    ``(input, target)``, or the ``"input"``/``"image"``/``"x"`` entry of a dict.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from autoalign.stats import default_input_fn
+    >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    >>> default_input_fn((x, y))[0] is x, default_input_fn({"image": x})[0] is x
+    (True, True)
+    """
     if isinstance(batch, torch.Tensor):
         return (batch,)
     if isinstance(batch, (tuple, list)) and batch:
@@ -61,7 +70,16 @@ def iter_model_inputs(
     num_batches: int | None = None,
     device: torch.device | str,
 ) -> Iterator[tuple[Any, ...]]:
-    """Model inputs of the first ``num_batches`` batches, tensors moved to ``device``."""
+    """Model inputs of the first ``num_batches`` batches, tensors moved to ``device``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from autoalign.stats import iter_model_inputs
+    >>> batches = [(torch.zeros(2, 3), torch.tensor([0, 1]))] * 3
+    >>> len(list(iter_model_inputs(batches, num_batches=2, device="cpu")))
+    2
+    """
     fn = input_fn or default_input_fn
     dev = torch.device(device)
     for seen, batch in enumerate(data):
@@ -75,6 +93,12 @@ def pairs_for(needs: str, n_models: int, reference: int) -> list[tuple[int, int]
 
     ``needs`` is ``"reference"`` (each model with the reference), ``"all_pairs"``
     or ``"none"``/``"self"`` (no cross terms).
+
+    Examples
+    --------
+    >>> from autoalign.stats import pairs_for
+    >>> pairs_for("reference", 3, 0), pairs_for("all_pairs", 3, 0)
+    ([(0, 1), (0, 2)], [(0, 1), (0, 2), (1, 2)])
     """
     if needs == "reference":
         return [(reference, m) for m in range(n_models) if m != reference]
@@ -99,6 +123,15 @@ class PointStats:
         ``Σ x_m x_mᵀ`` per model.
     cross : dict of (i, j) to Tensor (d, d)
         ``Σ x_i x_jᵀ`` for the collected pairs ``i < j`` or ``i == reference``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from autoalign.stats import PointStats
+    >>> x = torch.tensor([[1.0, 0.0], [3.0, 2.0]], dtype=torch.float64)
+    >>> ps = PointStats(2, [x.sum(0)], [x.T @ x])
+    >>> ps.mean(0).tolist(), ps.cov(0).diagonal().tolist()
+    ([2.0, 1.0], [1.0, 1.0])
     """
 
     n: int
@@ -151,7 +184,16 @@ class PointStats:
 
 @dataclass
 class Stats:
-    """Statistics of all merge points (by point name) and what was collected."""
+    """Statistics of all merge points (by point name) and what was collected.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> nets = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)) for _ in range(2)]
+    >>> stats = autoalign.merge_with_report(nets, [torch.randn(16, 3)], aligner="cca").stats
+    >>> sorted(stats.points), stats["0"].n, stats.pairs
+    (['0'], 16, [(0, 1)])
+    """
 
     points: dict[str, PointStats]
     pairs: list[tuple[int, int]]
@@ -180,7 +222,17 @@ def _sites_for(point: MergePoint) -> list[Site]:
 def feature_module(
     model: nn.Module, example_inputs: Any, node_names: Sequence[str], **trace_options: Any
 ) -> fx.GraphModule:
-    """A traced copy of ``model`` that returns the outputs of the named nodes (a tuple)."""
+    """A traced copy of ``model`` that returns the outputs of the named nodes (a tuple).
+
+    Examples
+    --------
+    >>> import torch
+    >>> from autoalign.stats import feature_module
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU())
+    >>> fm = feature_module(net, torch.randn(2, 3), ["_0"])
+    >>> tuple(fm(torch.randn(5, 3))[0].shape)
+    (5, 4)
+    """
     gm = trace(model, example_inputs, **trace_options)
     nodes = {n.name: n for n in gm.graph.nodes}
     missing = [n for n in node_names if n not in nodes]
@@ -252,8 +304,18 @@ def collect_stats(
     Raises
     ------
     MergeError
-        If ``data`` yields no batch, or a batch cannot be fed to the models, or
-        features are NaN/Inf (the message names the merge point).
+        If ``data`` yields no batch, or a batch cannot be fed to the models
+        (:class:`~autoalign.DataError`, naming the batch), or features are
+        NaN/Inf (:class:`~autoalign.NonFiniteError`, naming the merge point).
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> nets = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)) for _ in range(2)]
+    >>> spec = autoalign.find_merge_points(nets[0], torch.randn(2, 3))
+    >>> stats = autoalign.collect_stats(nets, [torch.randn(8, 3), torch.randn(8, 3)], spec)
+    >>> stats.batches, stats["0"].n, tuple(stats["0"].cov(0, 1).shape)
+    (2, 16, (4, 4))
     """
     if needs == "none":
         return Stats({}, [], len(models), 0)

@@ -40,6 +40,15 @@ class AlignProblem:
         Merge weights, summing to one.
     stats : Stats or None
         Feature statistics (``None`` for data-free aligners).
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> spec = autoalign.find_merge_points(net, torch.randn(2, 3))
+    >>> problem = autoalign.AlignProblem(spec, [net.state_dict()] * 2, 0, torch.tensor([0.5, 0.5], dtype=torch.float64))
+    >>> problem.n_models
+    2
     """
 
     spec: MergeSpec
@@ -73,6 +82,14 @@ class PointPlan:
         Set by the engine when it projected the transform onto the point's kind.
     seconds : float
         Time spent solving this point.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> eye = torch.eye(3, dtype=torch.float64)
+    >>> pp = autoalign.PointPlan([eye, eye], [eye, eye], kind="permutation")
+    >>> pp.kind, len(pp.merges)
+    ('permutation', 2)
     """
 
     merges: list[torch.Tensor]
@@ -86,7 +103,16 @@ class PointPlan:
 
 @dataclass
 class Plan:
-    """Per merge point (by name) a :class:`PointPlan`; points not listed keep the identity."""
+    """Per merge point (by name) a :class:`PointPlan`; points not listed keep the identity.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> eye = torch.eye(2, dtype=torch.float64)
+    >>> plan = autoalign.Plan({"fc": autoalign.PointPlan([eye, eye], [eye, eye])})
+    >>> sorted(plan.transforms_for(1))
+    ['fc']
+    """
 
     points: dict[str, PointPlan] = field(default_factory=dict)
 
@@ -135,6 +161,19 @@ class PointwiseAligner(Aligner):
 
     Implement :meth:`solve_point`; points without statistics (no observable
     site) get the identity with a note, frozen points are skipped.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> from autoalign.aligners import identity_plan
+    >>> class Same(autoalign.PointwiseAligner):
+    ...     name, needs = "same-example", "none"
+    ...     def solve_point(self, point, stats, problem):
+    ...         return identity_plan(point.dim, problem.n_models)
+    >>> nets = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)) for _ in range(2)]
+    >>> merged = autoalign.merge(nets, [torch.randn(8, 3)], aligner=Same())
+    >>> type(merged).__name__
+    'Sequential'
     """
 
     def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:  # pragma: no cover
@@ -157,12 +196,28 @@ class PointwiseAligner(Aligner):
 
 
 def identity_plan(dim: int, n_models: int, *, note: str | None = None) -> PointPlan:
-    """Identity merge/unmerge for every model."""
+    """Identity merge/unmerge for every model.
+
+    Examples
+    --------
+    >>> from autoalign.aligners import identity_plan
+    >>> pp = identity_plan(3, 2, note="nothing to align")
+    >>> pp.kind, tuple(pp.merges[0].shape)
+    ('permutation', (3, 3))
+    """
     eye = torch.eye(dim, dtype=torch.float64)
     return PointPlan([eye] * n_models, [eye] * n_models, kind="permutation", note=note)
 
 
 def permutation_matrix(perm: Sequence[int] | torch.Tensor) -> torch.Tensor:
-    """``P`` with ``(P x)_i = x_{perm[i]}``, shape (d, d), float64."""
+    """``P`` with ``(P x)_i = x_{perm[i]}``, shape (d, d), float64.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from autoalign.aligners import permutation_matrix
+    >>> permutation_matrix([2, 0, 1]) @ torch.tensor([10.0, 20.0, 30.0], dtype=torch.float64)
+    tensor([30., 10., 20.], dtype=torch.float64)
+    """
     perm = torch.as_tensor(perm, dtype=torch.long)
     return torch.eye(perm.numel(), dtype=torch.float64)[perm]

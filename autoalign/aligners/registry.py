@@ -79,7 +79,15 @@ def _load_plugins() -> None:
 
 
 def reload_plugins() -> None:
-    """Scan the ``autoalign.aligners`` entry points again (after installing a plug-in)."""
+    """Scan the ``autoalign.aligners`` entry points again (after installing a plug-in).
+
+    Examples
+    --------
+    >>> import autoalign
+    >>> autoalign.aligners.reload_plugins()
+    >>> "cca" in autoalign.list_aligners()
+    True
+    """
     global _plugins_loaded
     _plugins_loaded = False
     _load_plugins()
@@ -92,6 +100,12 @@ def list_aligners(pattern: str | None = None) -> list[str]:
     ----------
     pattern : str, optional
         A shell-style pattern, e.g. ``"*cca*"``.
+
+    Examples
+    --------
+    >>> import autoalign
+    >>> autoalign.list_aligners("*cca")
+    ['cca', 'mcca']
     """
     _load_plugins()
     names = sorted(_REGISTRY)
@@ -99,7 +113,14 @@ def list_aligners(pattern: str | None = None) -> list[str]:
 
 
 def describe_aligners() -> dict[str, str]:
-    """Name → one-line description of every registered aligner."""
+    """Name → one-line description of every registered aligner.
+
+    Examples
+    --------
+    >>> import autoalign
+    >>> autoalign.aligners.describe_aligners()["identity"]
+    'plain weight averaging, no alignment (baseline)'
+    """
     _load_plugins()
     return {n: (_REGISTRY[n].description or (_REGISTRY[n].__doc__ or "").strip().split("\n")[0]) for n in sorted(_REGISTRY)}
 
