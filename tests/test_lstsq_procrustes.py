@@ -164,6 +164,23 @@ def test_lstsq_equals_least_squares_on_the_samples():
     assert float(torch.linalg.eigvalsh(cxx - t @ cyy @ t.T).min()) >= -1e-10
 
 
+def test_lstsq_is_cca_with_the_canonical_correlations_inserted():
+    x, y = _related_features(seed=4)
+    cxx, cyy, cxy = _covs(x, y)
+    t_cca, _, rho = cca_transform(cxx, cyy, cxy, ridge=0.0)
+    hx, hy = _sym_power(cxx, 0.5), _sym_power(cyy, 0.5)
+    u, s, vt = torch.linalg.svd(torch.linalg.inv(hx) @ cxy @ torch.linalg.inv(hy))
+    assert _close(s, rho, 1e-10) and _close(hx @ u @ vt @ torch.linalg.inv(hy), t_cca, 1e-8)
+    t = lstsq_transform(cyy, cxy)
+    assert _close(t, hx @ u @ torch.diag(rho) @ vt @ torch.linalg.inv(hy), 1e-8)
+    assert _close(t_cca @ cyy @ t_cca.T, cxx, 1e-8) and not _close(t @ cyy @ t.T, cxx, 1e-2)
+
+
+def _sym_power(c, p):
+    ev, evec = torch.linalg.eigh(c)
+    return (evec * ev.pow(p)) @ evec.T
+
+
 def _orthogonal(d, g):
     q, r = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=D64))
     return q * torch.sign(torch.diagonal(r))

@@ -17,9 +17,13 @@ model's features is a least-squares solution; the one nearest the identity,
 ``C_xy C_yy⁺ + (I − P_y)`` with ``P_y`` the projector onto that span, is used, so
 directions the data says nothing about are left where they are.
 
-Unlike CCA's map, which at ``ridge=0`` matches covariances (``T C_yy Tᵀ = C_xx``),
-the regression map shrinks: ``T C_yy Tᵀ = C_xy C_yy⁻¹ C_yx ⪯ C_xx``, with
-equality only when ``x`` is an exact linear function of ``y``.
+Relation to ``cca`` (at ``ridge=0``, full-rank covariances): with CCA's SVD
+``U Σ Vᵀ = C_xx^{-1/2} C_xy C_yy^{-1/2}``, CCA's map is ``C_xx^{1/2} U Vᵀ C_yy^{-1/2}``
+while the regression map is ``C_xx^{1/2} U Σ Vᵀ C_yy^{-1/2}``: least squares is CCA
+with every canonical direction shrunk by its canonical correlation ``ρ_i``. So
+CCA's map matches covariances (``T C_yy Tᵀ = C_xx``), the regression map does not
+(``T C_yy Tᵀ = C_xy C_yy⁻¹ C_yx ⪯ C_xx``, equal only for an exact linear relation),
+and ``T⁻¹`` amplifies weakly correlated directions by ``1/ρ_i``.
 """
 
 from __future__ import annotations
