@@ -1,8 +1,11 @@
 """Aligners: one contract, registered by name.
 
-Built in: ``identity`` (plain averaging), ``permutation`` (activation matching)
-and ``cca`` (CCA Merge). Third-party aligners register through
-:func:`register_aligner` or the ``autoalign.aligners`` entry-point group.
+Built in: ``identity`` (plain averaging), ``permutation`` (activation matching),
+``cca`` (CCA Merge), ``mcca`` (multi-view CCA), ``ot`` (OT fusion), ``zipit``
+(ZipIt!), ``weight_matching`` (Git Re-Basin), and the ablations ``lstsq``
+(least-squares linear map) and ``procrustes`` (orthogonal map). Third-party
+aligners register through :func:`register_aligner` or the
+``autoalign.aligners`` entry-point group.
 """
 
 from .base import AlignProblem, Aligner, Plan, PointPlan, PointwiseAligner, identity_plan, permutation_matrix

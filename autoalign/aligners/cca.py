@@ -11,7 +11,10 @@ For a merge point with reference features ``x`` and model features ``y``:
 The ridge ``γ`` is relative to the covariance's mean eigenvalue
 (``γ_x = ridge · tr(cov(x)) / d``), so one default works at any feature scale;
 ``ridge_mode="absolute"`` uses ``γ = ridge`` as in the authors' code. As
-``ridge → ∞``, ``T`` tends to the orthogonal Procrustes solution.
+``ridge → ∞``, ``T`` tends to ``√(γ_x/γ_y) · Q`` with ``Q`` the orthogonal Procrustes
+solution of the cross-covariance (the ``procrustes`` aligner): exactly ``Q`` with
+``ridge_mode="absolute"``, ``Q`` scaled by ``√(tr cov(x) / tr cov(y))`` with the
+relative ridge (tests/test_lstsq_procrustes.py pins both).
 """
 
 from __future__ import annotations
