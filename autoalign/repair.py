@@ -32,7 +32,6 @@ if TYPE_CHECKING:
 __all__ = [
     "reset_bn",
     "has_batchnorm",
-    "batchnorm_output_stats",
     "output_channel_stats",
     "set_batchnorm_affine",
     "repair_producers",
@@ -194,33 +193,6 @@ def output_channel_stats(
             else:
                 out[name] = (wi * mean, wi * std)
     return out
-
-
-def batchnorm_output_stats(
-    models: Sequence[nn.Module],
-    names: Sequence[str],
-    data: Iterable[Any],
-    *,
-    weights: Sequence[float] | None = None,
-    input_fn: Callable[[Any], Any] | None = None,
-    num_batches: int | None = None,
-    device: torch.device | str | None = None,
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """Per-channel mean and std of the outputs of the named BatchNorm layers,
-    averaged over ``models`` (see :func:`output_channel_stats`).
-
-    Examples
-    --------
-    >>> import torch
-    >>> from autoalign.repair import batchnorm_output_stats
-    >>> net = torch.nn.Sequential(torch.nn.BatchNorm1d(2)).eval()
-    >>> mean, std = batchnorm_output_stats([net], ["0"], [torch.zeros(4, 2)])["0"]
-    >>> mean.tolist()
-    [0.0, 0.0]
-    """
-    return output_channel_stats(
-        models, names, data, weights=weights, input_fn=input_fn, num_batches=num_batches, device=device
-    )
 
 
 def set_batchnorm_affine(model: nn.Module, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
