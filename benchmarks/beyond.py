@@ -191,11 +191,26 @@ def run_ablation(ctx: Context, ns: Sequence[int], draws: int,
         common = _common("ablation", n, d, chosen)
         group = [ctx.models[i] for i in chosen]
         rows += baseline_rows(ctx, chosen, common)
-        for al in aligners:
-            rows.append(merge_row(ctx, group, al, common, aligner=al))
+        for spec in aligners:
+            name, opts = parse_aligner(spec)
+            rows.append(merge_row(ctx, group, spec, common, aligner=name, **opts))
             if save:
                 save(rows)
     return rows
+
+
+def parse_aligner(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"lstsq:rcond=0.1,ridge=0"`` → ``("lstsq", {"rcond": 0.1, "ridge": 0.0})`` (values parsed as JSON when
+    they can be, else kept as strings)."""
+    name, _, rest = spec.partition(":")
+    opts: dict[str, Any] = {}
+    for part in filter(None, rest.split(",")):
+        key, _, value = part.partition("=")
+        try:
+            opts[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            opts[key.strip()] = value
+    return name, opts
 
 
 def learned_variants(epochs: int, lr: float) -> list[tuple[str, str, dict[str, Any] | None, bool]]:
@@ -534,6 +549,36 @@ def to_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def doc_section(result: dict[str, Any], title: str) -> str:
+    """A docs section for one item: question, command, machine, set-up, the draws, the summary table
+    (mean ± std and every draw)."""
+    rows = result["rows"]
+    item = result["item"]
+    draws: list[str] = []
+    for r in rows:
+        key = (f"{r['kind']} " if "kind" in r else "") + f"N={r['n']} draw {r['draw']}: " + (
+            f"split {r['split']}" + (f", training images per model {r['train_sizes']}" if "train_sizes" in r else "")
+            if "split" in r else f"models {r['models']}")
+        if key not in draws:
+            draws.append(key)
+    key_fn = (lambda r: f"{r['kind']} N={r['n']}") if item == "splits" else (lambda r: f"N={r['n']}")
+    lines = [
+        f"## {title}", "",
+        f"**Question.** {result['question']}", "",
+        f"Command: `nice -n 19 {result['command']}`  ",
+        f"Machine: {result['machine']}; torch {result['torch']}; {result['date']}; "
+        f"whole run {result.get('total_wall_seconds', 0) / 60:.1f} min wall clock (2 cores shared with two other benchmark runs).  ",
+        result.get("setup", ""), "",
+        "Draws: " + "; ".join(draws) + ".", "",
+        "Test accuracy (%), mean ± std over the draws, every draw in brackets (in the order above):", "",
+        *summary_table(rows, key_fn),
+    ]
+    errors = sorted({(r["method"], r["error"]) for r in rows if r.get("error")})
+    if errors:
+        lines += ["", "Failures:", ""] + [f"- {m}: `{e}`" for m, e in errors]
+    return "\n".join(lines) + "\n"
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -623,7 +668,7 @@ def run_item(item: str, args: argparse.Namespace) -> dict[str, Any]:
         (out / "results.json").write_text(json.dumps(result, indent=1))
 
     if item == "ablation":
-        rows = run_ablation(ctx, ns, draws, save=save)
+        rows = run_ablation(ctx, ns, draws, save=save, **({"aligners": args.aligners} if args.aligners else {}))
     elif item == "learned":
         rows = run_learned(ctx, ns, draws, epochs=1 if quick else args.learned_epochs, lr=args.learned_lr, save=save)
     elif item == "hierarchical":
@@ -665,6 +710,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int, default=5, help="training epochs of the base models")
     ap.add_argument("--n", type=int, nargs="+", default=None, help="default per item")
     ap.add_argument("--draws", type=int, default=None, help="default: 3 (2 for fisher and splits)")
+    ap.add_argument("--aligners", nargs="+", default=None,
+                    help="ablation only: aligners to compare, NAME or NAME:key=value,... (default: cca lstsq procrustes permutation)")
     ap.add_argument("--calibration", type=int, default=2000)
     ap.add_argument("--fisher-calibration", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=250, help="calibration batch size")

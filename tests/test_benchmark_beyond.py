@@ -135,3 +135,8 @@ def test_splits_end_to_end(ctx, tmp_path):
 def test_failure_is_a_row(ctx):
     row = beyond.merge_row(ctx, ctx.models[:2], "bad", {"n": 2, "draw": 0, "models": [0, 1]}, aligner="no-such-aligner")
     assert row["accuracy"] is None and "no-such-aligner" in row["error"]
+
+
+def test_parse_aligner():
+    assert beyond.parse_aligner("cca") == ("cca", {})
+    assert beyond.parse_aligner("lstsq:rcond=0.1,ridge_mode=absolute") == ("lstsq", {"rcond": 0.1, "ridge_mode": "absolute"})
