@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from .errors import MergeError
-from .stats import default_input_fn, iter_model_inputs
+from .stats import all_reduce_moments, default_input_fn, iter_model_inputs, sync_batchnorm_stats
 from .trace import eval_mode
 
 if TYPE_CHECKING:
@@ -185,6 +185,7 @@ def output_channel_stats(
         finally:
             for h in hooks:
                 h.remove()
+        all_reduce_moments(acc)  # under torch.distributed: the moments of all processes' shards
         for name, (cnt, s, q) in acc.items():
             mean = s / cnt
             std = torch.sqrt(torch.clamp(q / cnt - mean * mean, min=0.0))
@@ -371,6 +372,8 @@ def repair_producers(
             m.training = flag
     if seen == 0:
         raise MergeError("repair: the calibration data yielded no batch")
+    all_reduce_moments(acc)
+    sync_batchnorm_stats(model)
     with torch.no_grad():
         for name, (mt, st) in prod_targets.items():
             if name not in acc:

@@ -23,7 +23,8 @@ N_BATCHES = 4
 #: (case name, aligner, with BatchNorm). The models use tanh: with ReLU, units dead on the
 #: calibration data give exactly zero canonical correlations, whose pairing CCA leaves
 #: arbitrary, so float-rounding differences of the sums can pick another one.
-CASES = [("cca", "cca", False), ("permutation", "permutation", False), ("permutation_bn", "permutation", True), ("cca_bn", "cca", True)]
+CASES = [("cca", "cca", False), ("permutation", "permutation", False), ("permutation_bn", "permutation", True), ("cca_bn", "cca", True),
+         ("cca_repair", "cca", False), ("permutation_bn_repair", "permutation", True)]
 
 _COMMON = textwrap.dedent(
     """
@@ -55,7 +56,7 @@ _WORKER = textwrap.dedent(
         shard = make_data()[rank::WORLD]
         for case, aligner, bn in CASES:
             models = [make_model(s, bn) for s in range(3)]
-            merged = autoalign.merge(models, shard, aligner=aligner)
+            merged = autoalign.merge(models, shard, aligner=aligner, repair="repair" if case.endswith("_repair") else "auto")
             torch.save(merged.state_dict(), os.path.join(out_dir, f"{case}_{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -94,17 +95,13 @@ def distributed_results(tmp_path_factory):
     return {(case, r): torch.load(out / f"{case}_{r}.pt") for case, _, _ in CASES for r in range(WORLD)}
 
 
-_PER_PROCESS = pytest.mark.xfail(
-    strict=False,
-    reason="cca folds BatchNorm into its producer; the REPAIR targets of folded BatchNorms "
-    "(repair.output_channel_stats) are still computed per process (docs/robustness.md)",
-)
-PARAMS = [pytest.param(*c, marks=_PER_PROCESS) if c[0] == "cca_bn" else c for c in CASES]
+PARAMS = CASES
 
 
 @pytest.mark.parametrize("case, aligner, bn", PARAMS)
 def test_two_processes_merge_like_one_process_on_all_data(distributed_results, case, aligner, bn):
-    single = autoalign.merge([make_model(s, bn) for s in range(3)], make_data(), aligner=aligner).state_dict()
+    repair = "repair" if case.endswith("_repair") else "auto"
+    single = autoalign.merge([make_model(s, bn) for s in range(3)], make_data(), aligner=aligner, repair=repair).state_dict()
     for r in range(WORLD):
         got = distributed_results[(case, r)]
         assert got.keys() == single.keys()
