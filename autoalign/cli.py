@@ -320,7 +320,7 @@ def make_data(
     if kind in ("digits", "mnist", "fashion-mnist", "fashion_mnist", "cifar10", "cifar-10"):
         try:
             x, y = datasets.load_dataset(kind, data_root=arg or None, split=split)  # type: ignore[arg-type]
-        except FileNotFoundError as exc:
+        except FileNotFoundError:
             if arg:
                 raise
             raise FileNotFoundError(

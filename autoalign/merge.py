@@ -350,8 +350,8 @@ def merge_with_report(
     if scheme == "iterative" and al.needs != "reference":
         raise MergeError(
             f"scheme='iterative' re-aligns every model to the current merged model, so it needs an aligner that "
-            f"aligns to a reference (needs='reference': cca, permutation, ot); {al.name!r} has needs={al.needs!r}"
-            + (" and already iterates internally (MergeMany)" if al.name == "weight_matching" else "")
+            f"aligns to a reference (needs='reference': cca, permutation, ot, lstsq, procrustes); {al.name!r} has needs={al.needs!r}"
+            + ("; it runs MergeMany itself (its option strategy='merge_many', the default for N > 2)" if al.name == "weight_matching" else "")
         )
 
     work = list(models)

@@ -85,12 +85,12 @@ def test_registered_and_conformant():
     assert isinstance(al, WeightMatchingAligner) and al.needs == "none"
     assert (al.seed, al.max_iter) == (2, 7)
     check_aligner("weight_matching")
-    check_aligner("weight_matching", n_models=2, scheme="all_to_one")
+    check_aligner("weight_matching", n_models=2, strategy="all_to_one")
 
 
 def test_bad_options():
-    with pytest.raises(ValueError, match="scheme"):
-        autoalign.get_aligner("weight_matching", scheme="pairwise")
+    with pytest.raises(ValueError, match="strategy"):
+        autoalign.get_aligner("weight_matching", strategy="pairwise")
     with pytest.raises(ValueError, match="max_iter"):
         autoalign.get_aligner("weight_matching", max_iter=0)
     with pytest.raises(TypeError):
@@ -125,14 +125,14 @@ def test_recovers_permutation_resnet18():
 
 
 @pytest.mark.parametrize("label", ["mlp", "cnn"])
-@pytest.mark.parametrize("scheme", ["merge_many", "all_to_one"])
-def test_three_models(label, scheme):
+@pytest.mark.parametrize("strategy", ["merge_many", "all_to_one"])
+def test_three_models(label, strategy):
     a, x = _models()[label]
     spec = autoalign.find_merge_points(a, x)
     models = [a, permute_model(a, spec, seed=3), permute_model(a, spec, seed=4)]
-    res = autoalign.merge_with_report(models, [x], aligner="weight_matching", repair=None, spec=spec, scheme=scheme)
+    res = autoalign.merge_with_report(models, [x], aligner="weight_matching", repair=None, spec=spec, strategy=strategy)
     _assert_same_function(a, res.model, x)
-    if scheme == "all_to_one":
+    if strategy == "all_to_one":
         _assert_recovered(res.plan, spec, seed=3, model_index=1)
         _assert_recovered(res.plan, spec, seed=4, model_index=2)
     # every model lands in one common coordinate system
@@ -149,9 +149,9 @@ def test_default_scheme_and_weights():
     spec = autoalign.find_merge_points(a, x)
     sds = [m.state_dict() for m in (a, permute_model(a, spec, seed=5), permute_model(a, spec, seed=6))]
     perms, info = weight_matching(spec, sds, weights=torch.tensor([0.6, 0.3, 0.1]))
-    assert info["scheme"] == "merge_many" and info["converged"]
+    assert info["strategy"] == "merge_many" and info["converged"]
     _, info2 = weight_matching(spec, sds[:2])
-    assert info2["scheme"] == "all_to_one"
+    assert info2["strategy"] == "all_to_one"
     truth = random_permutations(spec, seed=5)
     # MergeMany may move the reference too, but model 1 relative to model 0 is the true permutation
     for name, (p_true, _) in truth.items():

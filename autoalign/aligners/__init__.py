@@ -8,7 +8,7 @@ aligners register through :func:`register_aligner` or the
 ``autoalign.aligners`` entry-point group.
 """
 
-from .base import AlignProblem, Aligner, Plan, PointPlan, PointwiseAligner, identity_plan, permutation_matrix
+from .base import AlignProblem, Aligner, Plan, PointPlan, PointwiseAligner, ReferenceAligner, identity_plan, permutation_matrix
 from .cca import CCAAligner, cca_transform
 from .identity import IdentityAligner
 from .lstsq import LstsqAligner, lstsq_transform
@@ -32,6 +32,7 @@ __all__ = [
     "Plan",
     "PointPlan",
     "PointwiseAligner",
+    "ReferenceAligner",
     "ProcrustesAligner",
     "WeightMatchingAligner",
     "ZipItAligner",

@@ -21,7 +21,7 @@ import torch
 from ..spec import MergePoint, MergeSpec
 from ..stats import PointStats, Stats
 
-__all__ = ["AlignProblem", "PointPlan", "Plan", "Aligner", "PointwiseAligner"]
+__all__ = ["AlignProblem", "PointPlan", "Plan", "Aligner", "PointwiseAligner", "ReferenceAligner"]
 
 
 @dataclass
@@ -193,6 +193,65 @@ class PointwiseAligner(Aligner):
             pp.seconds = time.perf_counter() - t0
             plan.points[p.name] = pp
         return plan
+
+
+class ReferenceAligner(PointwiseAligner):
+    """An all-to-one aligner that maps each model onto the reference, one pair at a time.
+
+    Implement :meth:`solve_pair`; this class gives the reference the identity,
+    gives the identity (with a note) when the reference's or a model's features
+    are constant at a point, averages the pair scores and joins the notes. Set
+    the class attribute ``kind`` to what :meth:`solve_pair` returns.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> class Scale(autoalign.aligners.ReferenceAligner):
+    ...     name, kind = "scale-example", "linear"
+    ...     def solve_pair(self, point, stats, ref, m):
+    ...         r = (stats.cov(ref).trace() / stats.cov(m).trace()).sqrt()
+    ...         eye = torch.eye(point.dim, dtype=torch.float64)
+    ...         return r * eye, eye / r, None, None
+    >>> nets = [torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)) for _ in range(2)]
+    >>> plan = autoalign.merge_with_report(nets, [torch.randn(8, 3)], aligner=Scale()).plan
+    >>> [pp.kind for pp in plan.points.values()]
+    ['linear']
+    """
+
+    kind: ClassVar[str] = "linear"
+
+    def solve_pair(
+        self, point: MergePoint, stats: PointStats, ref: int, m: int
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None, str | None]:  # pragma: no cover - abstract
+        """``(merge, unmerge, score, note)`` of model ``m`` onto the reference ``ref`` at ``point``."""
+        raise NotImplementedError(f"{type(self).__name__} must implement solve_pair(point, stats, ref, m)")
+
+    def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
+        assert stats is not None
+        ref = problem.reference
+        if float(torch.trace(stats.cov(ref))) <= 0:
+            return identity_plan(point.dim, problem.n_models, note="reference features are constant; identity used")
+        eye = torch.eye(point.dim, dtype=torch.float64, device=stats.sums[ref].device)
+        merges, unmerges, scores, notes = [], [], [], []
+        for m in range(problem.n_models):
+            if m == ref:
+                merges.append(eye)
+                unmerges.append(eye)
+                continue
+            if float(torch.trace(stats.cov(m))) <= 0:
+                merges.append(eye)
+                unmerges.append(eye)
+                notes.append(f"model {m}: features are constant; identity used")
+                continue
+            merge, unmerge, score, note = self.solve_pair(point, stats, ref, m)
+            merges.append(merge)
+            unmerges.append(unmerge)
+            if score is not None:
+                scores.append(score)
+            if note:
+                notes.append(note)
+        score = sum(scores) / len(scores) if scores else None
+        return PointPlan(merges, unmerges, kind=self.kind, score=score, note="; ".join(notes) or None)
 
 
 def identity_plan(dim: int, n_models: int, *, note: str | None = None) -> PointPlan:

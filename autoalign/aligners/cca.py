@@ -23,7 +23,7 @@ import torch
 
 from ..spec import MergePoint
 from ..stats import PointStats
-from .base import AlignProblem, PointPlan, PointwiseAligner, identity_plan
+from .base import ReferenceAligner
 from .linalg import sym_power
 from .registry import register_aligner
 
@@ -75,7 +75,7 @@ def cca_transform(
 
 
 @register_aligner
-class CCAAligner(PointwiseAligner):
+class CCAAligner(ReferenceAligner):
     """CCA Merge: align every model to the reference with canonical correlation analysis.
 
     Parameters
@@ -94,6 +94,7 @@ class CCAAligner(PointwiseAligner):
 
     name = "cca"
     needs = "reference"
+    kind = "linear"
     description = "CCA Merge (Horoi et al. 2024): canonical correlation alignment to the reference, all-to-one"
 
     def __init__(self, *, ridge: float = 0.01, ridge_mode: str = "relative") -> None:
@@ -104,28 +105,8 @@ class CCAAligner(PointwiseAligner):
         self.ridge = float(ridge)
         self.ridge_mode = ridge_mode
 
-    def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
-        assert stats is not None
-        ref = problem.reference
-        cxx = stats.cov(ref)
-        if float(torch.trace(cxx)) <= 0:
-            return identity_plan(point.dim, problem.n_models, note="reference features are constant; identity used")
-        merges, unmerges, scores = [], [], []
-        for m in range(problem.n_models):
-            if m == ref:
-                eye = torch.eye(point.dim, dtype=torch.float64, device=cxx.device)
-                merges.append(eye)
-                unmerges.append(eye)
-                continue
-            cyy = stats.cov(m)
-            if float(torch.trace(cyy)) <= 0:
-                eye = torch.eye(point.dim, dtype=torch.float64, device=cxx.device)
-                merges.append(eye)
-                unmerges.append(eye)
-                continue
-            t, t_inv, rho = cca_transform(cxx, cyy, stats.cov(ref, m), ridge=self.ridge, relative=self.ridge_mode == "relative")
-            merges.append(t)
-            unmerges.append(t_inv)
-            scores.append(float(rho.mean()))
-        score = sum(scores) / len(scores) if scores else None
-        return PointPlan(merges, unmerges, kind="linear", score=score)
+    def solve_pair(self, point: MergePoint, stats: PointStats, ref: int, m: int) -> tuple[torch.Tensor, torch.Tensor, float, None]:
+        t, t_inv, rho = cca_transform(
+            stats.cov(ref), stats.cov(m), stats.cov(ref, m), ridge=self.ridge, relative=self.ridge_mode == "relative"
+        )
+        return t, t_inv, float(rho.mean()), None

@@ -34,7 +34,7 @@ import torch
 
 from ..spec import MergePoint
 from ..stats import PointStats
-from .base import AlignProblem, PointPlan, PointwiseAligner, identity_plan
+from .base import ReferenceAligner
 from .registry import register_aligner
 
 __all__ = ["LstsqAligner", "lstsq_transform", "truncated_inverse"]
@@ -144,7 +144,7 @@ def lstsq_transform(
 
 
 @register_aligner
-class LstsqAligner(PointwiseAligner):
+class LstsqAligner(ReferenceAligner):
     """Least-squares linear map of every model's features onto the reference's.
 
     An ablation of CCA Merge (Horoi et al., ICML 2024) that keeps its dense linear
@@ -183,6 +183,7 @@ class LstsqAligner(PointwiseAligner):
 
     name = "lstsq"
     needs = "reference"
+    kind = "linear"
     description = "least-squares linear map onto the reference, all-to-one (ablation of CCA Merge)"
 
     def __init__(self, *, ridge: float = 0.0, ridge_mode: str = "relative", rcond: float = 1e-4) -> None:
@@ -196,39 +197,19 @@ class LstsqAligner(PointwiseAligner):
         self.ridge_mode = ridge_mode
         self.rcond = float(rcond)
 
-    def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
-        assert stats is not None
-        ref = problem.reference
-        cxx = stats.cov(ref)
-        if float(torch.trace(cxx)) <= 0:
-            return identity_plan(point.dim, problem.n_models, note="reference features are constant; identity used")
-        eye = torch.eye(point.dim, dtype=torch.float64, device=cxx.device)
-        merges, unmerges, scores, notes = [], [], [], []
-        for m in range(problem.n_models):
-            if m == ref:
-                merges.append(eye)
-                unmerges.append(eye)
-                continue
-            cyy, cxy = stats.cov(m), stats.cov(ref, m)
-            if float(torch.trace(cyy)) <= 0:
-                merges.append(eye)
-                unmerges.append(eye)
-                notes.append(f"model {m}: features are constant; identity used")
-                continue
-            t = lstsq_transform(cyy, cxy, ridge=self.ridge, relative=self.ridge_mode == "relative")
-            t_inv, dropped = truncated_inverse(t, self.rcond)
-            if dropped == point.dim:  # T = 0: the model's features predict nothing of the reference's
-                merges.append(eye)
-                unmerges.append(eye)
-                notes.append(f"model {m}: features uncorrelated with the reference's; identity used")
-                continue
-            if dropped:
-                notes.append(
-                    f"model {m}: T is ill-conditioned ({dropped} of {point.dim} singular values below "
-                    f"rcond·σ_max = {self.rcond:g}·σ_max); unmerge is its truncated pseudo-inverse"
-                )
-            merges.append(t)
-            unmerges.append(t_inv)
-            scores.append(matched_correlation(cxx, cyy, cxy, t))
-        score = sum(scores) / len(scores) if scores else None
-        return PointPlan(merges, unmerges, kind="linear", score=score, note="; ".join(notes) or None)
+    def solve_pair(
+        self, point: MergePoint, stats: PointStats, ref: int, m: int
+    ) -> tuple[torch.Tensor, torch.Tensor, float | None, str | None]:
+        cxx, cyy, cxy = stats.cov(ref), stats.cov(m), stats.cov(ref, m)
+        t = lstsq_transform(cyy, cxy, ridge=self.ridge, relative=self.ridge_mode == "relative")
+        t_inv, dropped = truncated_inverse(t, self.rcond)
+        if dropped == point.dim:  # T = 0: the model's features predict nothing of the reference's
+            eye = torch.eye(point.dim, dtype=torch.float64, device=cxx.device)
+            return eye, eye, None, f"model {m}: features uncorrelated with the reference's; identity used"
+        note = None
+        if dropped:
+            note = (
+                f"model {m}: T is ill-conditioned ({dropped} of {point.dim} singular values below "
+                f"rcond·σ_max = {self.rcond:g}·σ_max); unmerge is its truncated pseudo-inverse"
+            )
+        return t, t_inv, matched_correlation(cxx, cyy, cxy, t), note

@@ -11,7 +11,7 @@ import torch
 
 from ..spec import MergePoint
 from ..stats import PointStats
-from .base import AlignProblem, PointPlan, PointwiseAligner, permutation_matrix
+from .base import ReferenceAligner, permutation_matrix
 from .linalg import match_permutation
 from .registry import register_aligner
 
@@ -19,7 +19,7 @@ __all__ = ["PermutationAligner"]
 
 
 @register_aligner
-class PermutationAligner(PointwiseAligner):
+class PermutationAligner(ReferenceAligner):
     """Permutation matching of features by correlation, every model to the reference.
 
     The merge matrix of model ``m`` is the permutation ``P_m`` maximising
@@ -34,23 +34,11 @@ class PermutationAligner(PointwiseAligner):
 
     name = "permutation"
     needs = "reference"
+    kind = "permutation"
     description = "activation matching: Hungarian on feature correlations, all-to-one (Git Re-Basin AM)"
 
-    def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
-        assert stats is not None
-        ref = problem.reference
-        merges, unmerges, scores = [], [], []
-        for m in range(problem.n_models):
-            if m == ref:
-                eye = torch.eye(point.dim, dtype=torch.float64)
-                merges.append(eye)
-                unmerges.append(eye)
-                continue
-            corr = stats.corr(ref, m).cpu()
-            perm = match_permutation(corr)
-            P = permutation_matrix(perm)
-            merges.append(P)
-            unmerges.append(P.T.contiguous())
-            scores.append(float(corr[torch.arange(point.dim), perm].mean()))
-        score = sum(scores) / len(scores) if scores else None
-        return PointPlan(merges, unmerges, kind="permutation", score=score)
+    def solve_pair(self, point: MergePoint, stats: PointStats, ref: int, m: int) -> tuple[torch.Tensor, torch.Tensor, float, None]:
+        corr = stats.corr(ref, m).cpu()
+        perm = match_permutation(corr)
+        P = permutation_matrix(perm)
+        return P, P.T.contiguous(), float(corr[torch.arange(point.dim), perm].mean()), None

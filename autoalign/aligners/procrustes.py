@@ -21,7 +21,7 @@ import torch
 
 from ..spec import MergePoint
 from ..stats import PointStats
-from .base import AlignProblem, PointPlan, PointwiseAligner, identity_plan
+from .base import ReferenceAligner
 from .lstsq import matched_correlation
 from .registry import register_aligner
 
@@ -74,7 +74,7 @@ def procrustes_transform(cxy: torch.Tensor) -> tuple[torch.Tensor, int]:
 
 
 @register_aligner
-class ProcrustesAligner(PointwiseAligner):
+class ProcrustesAligner(ReferenceAligner):
     """Orthogonal Procrustes: the rotation/reflection of every model's features closest to the reference's.
 
     Model ``m``'s merge matrix is ``Q_m = U Vᵀ`` from the SVD ``C_xy = U S Vᵀ`` of the
@@ -109,6 +109,7 @@ class ProcrustesAligner(PointwiseAligner):
 
     name = "procrustes"
     needs = "reference"
+    kind = "orthogonal"
     description = "orthogonal Procrustes on the cross-covariance, all-to-one (Schönemann 1966)"
 
     def __init__(self, *, standardize: bool = False) -> None:
@@ -116,25 +117,12 @@ class ProcrustesAligner(PointwiseAligner):
             raise ValueError(f"standardize must be True or False, got {standardize!r}")
         self.standardize = standardize
 
-    def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
-        assert stats is not None
-        ref = problem.reference
-        cxx = stats.cov(ref)
-        if float(torch.trace(cxx)) <= 0:
-            return identity_plan(point.dim, problem.n_models, note="reference features are constant; identity used")
-        eye = torch.eye(point.dim, dtype=torch.float64, device=cxx.device)
-        merges, unmerges, scores, notes = [], [], [], []
-        for m in range(problem.n_models):
-            if m == ref:
-                merges.append(eye)
-                unmerges.append(eye)
-                continue
-            cyy, cxy = stats.cov(m), stats.cov(ref, m)
-            q, rank = procrustes_transform(stats.corr(ref, m) if self.standardize else cxy)
-            if rank < point.dim:
-                notes.append(f"model {m}: cross-covariance of rank {rank} < {point.dim}; on its null space the rotation nearest the identity")
-            merges.append(q)
-            unmerges.append(q.T.contiguous())
-            scores.append(matched_correlation(cxx, cyy, cxy, q))
-        score = sum(scores) / len(scores) if scores else None
-        return PointPlan(merges, unmerges, kind="orthogonal", score=score, note="; ".join(notes) or None)
+    def solve_pair(
+        self, point: MergePoint, stats: PointStats, ref: int, m: int
+    ) -> tuple[torch.Tensor, torch.Tensor, float, str | None]:
+        cxx, cyy, cxy = stats.cov(ref), stats.cov(m), stats.cov(ref, m)
+        q, rank = procrustes_transform(stats.corr(ref, m) if self.standardize else cxy)
+        note = None
+        if rank < point.dim:
+            note = f"model {m}: cross-covariance of rank {rank} < {point.dim}; on its null space the rotation nearest the identity"
+        return q, q.T.contiguous(), matched_correlation(cxx, cyy, cxy, q), note

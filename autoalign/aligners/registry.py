@@ -14,7 +14,7 @@ import difflib
 import fnmatch
 import inspect
 import warnings
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 from ..errors import OptionError
 from .base import Aligner

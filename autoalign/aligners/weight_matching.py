@@ -21,10 +21,10 @@ Two models
     points that changes no permutation is a fixed point and ends the descent.
 
 More than two models
-    ``scheme="merge_many"`` (the default for ``N > 2``): start from every model
+    ``strategy="merge_many"`` (the default for ``N > 2``): start from every model
     matched to the reference, then repeatedly, for each model in a random order,
     weight-match it to the (merge-weighted) average of the other models in their
-    current alignment, until a round changes nothing. ``scheme="all_to_one"``
+    current alignment, until a round changes nothing. ``strategy="all_to_one"``
     matches every model to the reference only.
 
 Conventions are those of :func:`autoalign.transform_state_dict`: the merge matrix
@@ -331,7 +331,7 @@ def weight_matching(
     *,
     reference: int = 0,
     weights: torch.Tensor | None = None,
-    scheme: str | None = None,
+    strategy: str | None = None,
     max_iter: int = 100,
     seed: int = 0,
     first_sweep: str = "topological",
@@ -348,7 +348,7 @@ def weight_matching(
     weights : Tensor of shape (N,), optional
         Merge weights; MergeMany matches each model to the weighted average of the
         others (uniform by default).
-    scheme : {"all_to_one", "merge_many"}, optional
+    strategy : {"all_to_one", "merge_many"}, optional
         Default ``"all_to_one"`` for two models, ``"merge_many"`` for more.
     max_iter : int, default 100
         Maximum sweeps of the coordinate descent (and rounds of MergeMany).
@@ -371,14 +371,14 @@ def weight_matching(
         ``P = eye[perm]``, i.e. ``(P y)_i = y_{perm[i]}``.
     info : dict
         ``iterations`` (sweeps, or MergeMany rounds), ``converged`` (bool),
-        ``scheme`` and ``scores`` (point name → mean cosine similarity of the
+        ``strategy`` and ``scores`` (point name → mean cosine similarity of the
         aligned weights touching it).
     """
     n = len(state_dicts)
-    if scheme is None:
-        scheme = "all_to_one" if n <= 2 else "merge_many"
-    if scheme not in ("all_to_one", "merge_many"):
-        raise ValueError(f'scheme must be "all_to_one" or "merge_many", got {scheme!r}')
+    if strategy is None:
+        strategy = "all_to_one" if n <= 2 else "merge_many"
+    if strategy not in ("all_to_one", "merge_many"):
+        raise ValueError(f'strategy must be "all_to_one" or "merge_many", got {strategy!r}')
     if max_iter < 1:
         raise ValueError(f"max_iter must be at least 1, got {max_iter}")
     if first_sweep not in ("topological", "random"):
@@ -400,7 +400,7 @@ def weight_matching(
         perms[m], it, ok = _coordinate_descent(layout, sds[reference], sds[m], ident, max_iter=max_iter, rng=rng, first_sweep=first_sweep)
         iterations = max(iterations, it)
         converged &= ok
-    if scheme == "merge_many" and n > 2:
+    if strategy == "merge_many" and n > 2:
         aligned = [layout.permute_all(sds[m], perms[m]) for m in range(n)]
         rounds_converged = False
         rounds = 0
@@ -444,7 +444,7 @@ def weight_matching(
     info = {
         "iterations": iterations,
         "converged": converged,
-        "scheme": scheme,
+        "strategy": strategy,
         "scores": {spec.points[p].name: s for p, s in scores.items()},
     }
     return out, info
@@ -460,7 +460,7 @@ class WeightMatchingAligner(Aligner):
 
     Parameters
     ----------
-    scheme : {"all_to_one", "merge_many"}, optional
+    strategy : {"all_to_one", "merge_many"}, optional
         ``"all_to_one"`` matches every model to the reference;
         ``"merge_many"`` (default for more than two models) then rematches each
         model to the average of the others until nothing changes.
@@ -485,7 +485,7 @@ class WeightMatchingAligner(Aligner):
     --------
     >>> import autoalign
     >>> autoalign.get_aligner("weight_matching", seed=1)
-    WeightMatchingAligner(scheme=None, max_iter=100, seed=1, first_sweep='topological', dtype=torch.float32)
+    WeightMatchingAligner(strategy=None, max_iter=100, seed=1, first_sweep='topological', dtype=torch.float32)
     """
 
     name = "weight_matching"
@@ -495,17 +495,17 @@ class WeightMatchingAligner(Aligner):
     def __init__(
         self,
         *,
-        scheme: str | None = None,
+        strategy: str | None = None,
         max_iter: int = 100,
         seed: int = 0,
         first_sweep: str = "topological",
         dtype: torch.dtype = torch.float32,
     ) -> None:
-        if scheme not in (None, "all_to_one", "merge_many"):
-            raise ValueError(f'scheme must be "all_to_one" or "merge_many", got {scheme!r}')
+        if strategy not in (None, "all_to_one", "merge_many"):
+            raise ValueError(f'strategy must be "all_to_one" or "merge_many", got {strategy!r}')
         if int(max_iter) < 1:
             raise ValueError(f"max_iter must be at least 1, got {max_iter}")
-        self.scheme = scheme
+        self.strategy = strategy
         self.max_iter = int(max_iter)
         self.seed = int(seed)
         if first_sweep not in ("topological", "random"):
@@ -520,13 +520,13 @@ class WeightMatchingAligner(Aligner):
             problem.state_dicts,
             reference=problem.reference,
             weights=problem.weights,
-            scheme=self.scheme,
+            strategy=self.strategy,
             max_iter=self.max_iter,
             seed=self.seed,
             first_sweep=self.first_sweep,
             dtype=self.dtype,
         )
-        what = "rounds of MergeMany" if info["scheme"] == "merge_many" and problem.n_models > 2 else "sweeps"
+        what = "rounds of MergeMany" if info["strategy"] == "merge_many" and problem.n_models > 2 else "sweeps"
         if not info["converged"]:
             warnings.warn(
                 f"weight_matching did not reach a fixed point within max_iter={self.max_iter} {what}; "
@@ -534,7 +534,7 @@ class WeightMatchingAligner(Aligner):
                 UserWarning,
                 stacklevel=3,
             )
-        note = f"weight matching ({info['scheme']}): {info['iterations']} {what}" + (
+        note = f"weight matching ({info['strategy']}): {info['iterations']} {what}" + (
             "" if info["converged"] else ", not converged"
         )
         active = [p for p in problem.spec.points if p.kind != "frozen"]

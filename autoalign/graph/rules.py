@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import operator
-import re
 from typing import Any, Sequence
 
 import torch
