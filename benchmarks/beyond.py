@@ -325,14 +325,15 @@ def run_finetune(ctx: Context, ns: Sequence[int], draws: int, aligners: Sequence
         starts: dict[str, nn.Module] = {}
         for al in aligners:
             rows.append(merge_row(ctx, group, f"{al} merge", common, keep=starts, aligner=al))
-        starts[f"parent {chosen[0]}"] = group[0]
-        rows.append(dict(common, method=f"parent (model {chosen[0]})", accuracy=ctx.accuracy(group[0]), seconds=0.0))
+        starts["parent"] = group[0]
+        rows.append(dict(common, method="reference parent", accuracy=ctx.accuracy(group[0]), seconds=0.0,
+                         parent=chosen[0]))
         for name, start in starts.items():
             t0 = time.perf_counter()
             tuned = finetune(start, ctx.train_x, ctx.train_y, steps=steps, lr=lr, batch_size=batch_size,
                              seed=seed + 1000 * n + d, dataset=ctx.dataset, device=ctx.device)
             acc = ctx.accuracy(tuned)
-            label = (f"parent (model {chosen[0]})" if name.startswith("parent") else name) + f" + {steps} steps"
+            label = ("reference parent" if name == "parent" else name) + f" + {steps} steps"
             rows.append(dict(common, method=label, accuracy=acc, seconds=time.perf_counter() - t0))
             print(f"  N={n} draw={d} {label:40s} acc={acc:.4f}", flush=True)
         if save:
