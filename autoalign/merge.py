@@ -215,6 +215,22 @@ def _drop_last_model(pp: PointPlan) -> PointPlan:
     return PointPlan(pp.merges[:-1], pp.unmerges[:-1], pp.kind, pp.score, pp.note, pp.projected, pp.seconds)
 
 
+def _rebase(pp: PointPlan, ref: int) -> PointPlan:
+    """Express a point's plan in the reference model's coordinates: ``U_ref M_m`` and ``U_m M_ref``.
+
+    The iterative scheme aligns every model to the merged model; going through it to
+    the reference keeps the reference's weights untouched (its maps become the
+    identity), so dense (non-permutation) maps, which are exact for no model through
+    a nonlinearity, still leave one model exact. Products of permutations
+    (orthogonal maps) stay permutations (orthogonal).
+    """
+    to_ref, from_ref = pp.unmerges[ref], pp.merges[ref]
+    eye = torch.eye(to_ref.shape[0], dtype=to_ref.dtype, device=to_ref.device)
+    merges = [eye if m == ref else to_ref @ pp.merges[m] for m in range(len(pp.merges))]
+    unmerges = [eye if m == ref else pp.unmerges[m] @ from_ref for m in range(len(pp.unmerges))]
+    return PointPlan(merges, unmerges, pp.kind, pp.score, pp.note, pp.projected, pp.seconds)
+
+
 def _plan_change(old: Plan, new: Plan) -> float:
     """Largest relative Frobenius change of any model's merge matrix at any point."""
     change = 0.0
@@ -426,7 +442,7 @@ def merge_with_report(
             cur_sd = {k: v.detach() for k, v in current.state_dict().items()}
             w_ext = torch.cat([w, torch.zeros(1, dtype=w.dtype)])
             full = _solve_checked(al, AlignProblem(spec, sds + [cur_sd], n, w_ext, stats), spec, n + 1)
-            new_plan = Plan({name: _drop_last_model(pp) for name, pp in full.points.items()})
+            new_plan = Plan({name: _rebase(_drop_last_model(pp), reference) for name, pp in full.points.items()})
             change = _plan_change(plan, new_plan)
             plan = new_plan
             timings["solve"] += time.perf_counter() - t0
@@ -539,10 +555,12 @@ def merge(
     scheme : {"all_to_one", "iterative"}, default "all_to_one"
         ``"all_to_one"`` aligns every model to the reference once (the CCA
         Merge paper). ``"iterative"`` then re-aligns every model to the current
-        merged model (statistics collected again each round) until no merge
-        matrix changes by more than 0.1 % (relative Frobenius norm) or
-        ``max_iterations`` rounds — MergeMany (Ainsworth et al. 2023) for
-        statistics-based aligners; needs an aligner with ``needs="reference"``.
+        merged model (statistics collected again each round; the maps are
+        expressed through it in the reference's coordinates, so the reference
+        keeps its weights) until no merge matrix changes by more than 0.1 %
+        (relative Frobenius norm) or ``max_iterations`` rounds — MergeMany
+        (Ainsworth et al. 2023) for statistics-based aligners; needs an aligner
+        with ``needs="reference"``.
         ``"hierarchical"`` merges pairs, then pairs of merged models, as a
         binary tree (the reference leads; pair weights are the sums of their
         members'; the report's ``iterations`` is the tree depth and ``plan``

@@ -199,3 +199,18 @@ def test_iterative_needs_a_reference_aligner(aligner: str) -> None:
 def test_bad_scheme_and_repair_options(kwargs: dict, match: str) -> None:
     with pytest.raises(MergeError, match=match):
         autoalign.merge([mlp(0), mlp(1)], [torch.randn(8, 6)], aligner="permutation", **kwargs)
+
+
+@pytest.mark.parametrize("aligner", ["cca", "permutation", "procrustes"])
+def test_iterative_plans_are_in_the_reference_frame(aligner: str) -> None:
+    torch.manual_seed(9)
+    data = [torch.randn(128, 6) for _ in range(2)]
+    res = autoalign.merge_with_report([mlp(s) for s in range(3)], data, aligner=aligner, scheme="iterative",
+                                      max_iterations=2, reference=1, repair=None)
+    for pp in res.plan.points.values():
+        eye = torch.eye(pp.merges[1].shape[0], dtype=torch.float64)
+        assert torch.equal(pp.merges[1], eye) and torch.equal(pp.unmerges[1], eye)
+        for m in (0, 2):  # merge and unmerge stay inverse to each other
+            torch.testing.assert_close(pp.unmerges[m] @ pp.merges[m], eye, atol=1e-6, rtol=1e-6)
+        if aligner == "permutation":
+            assert all(bool(((m == 0) | (m == 1)).all()) for m in pp.merges)
