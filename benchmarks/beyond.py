@@ -714,6 +714,40 @@ TITLES = {
 }
 
 
+def plot_accuracy_vs_n(result: dict[str, Any], path: pathlib.Path, skip: Sequence[str] = (), title: str = "") -> None:
+    """Mean ± std test accuracy against N, one line per method (``skip``: methods left out)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    for m in methods_in(rows):
+        if m in skip:
+            continue
+        ns, means, stds = [], [], []
+        for n in sorted({r["n"] for r in rows}):
+            accs = [100 * r["accuracy"] for r in rows if r["method"] == m and r["n"] == n and r.get("accuracy") is not None]
+            if accs:
+                ns.append(n)
+                means.append(statistics.mean(accs))
+                stds.append(statistics.stdev(accs) if len(accs) > 1 else 0.0)
+        base = m in ("parent mean", "ensemble")
+        ax.errorbar(ns, means, yerr=stds, marker="o", markersize=4, capsize=2, linestyle="--" if base else "-",
+                    color="black" if m == "ensemble" else ("grey" if base else None), label=m)
+    ax.set_xlabel("number of merged models N")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_xticks(sorted({r["n"] for r in rows}))
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def write_report(out: pathlib.Path, path: pathlib.Path) -> None:
     """Assemble one markdown file from every ``<out>/<item>/results.json`` that exists."""
     parts = ["# Beyond the paper: answers to issue #8", "",
@@ -722,7 +756,13 @@ def write_report(out: pathlib.Path, path: pathlib.Path) -> None:
     for item in ITEMS:
         f = out / item / "results.json"
         if f.is_file():
-            parts.append(doc_section(json.loads(f.read_text()), TITLES[item]))
+            result = json.loads(f.read_text())
+            parts.append(doc_section(result, TITLES[item]))
+            if item == "ablation":
+                img = path.parent / "img" / "beyond_ablation.png"
+                plot_accuracy_vs_n(result, img, skip=("lstsq",),
+                                   title="MNIST 784-512-512-10, 2,000 calibration images (lstsq, 12-14 %, off the scale)")
+                parts.append(f"![ablation: accuracy against N](img/{img.name})\n")
     path.write_text("\n".join(parts))
     print(f"wrote {path}", flush=True)
 

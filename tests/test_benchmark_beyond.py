@@ -140,3 +140,16 @@ def test_failure_is_a_row(ctx):
 def test_parse_aligner():
     assert beyond.parse_aligner("cca") == ("cca", {})
     assert beyond.parse_aligner("lstsq:rcond=0.1,ridge_mode=absolute") == ("lstsq", {"rcond": 0.1, "ridge_mode": "absolute"})
+
+
+def test_report_and_plot(tmp_path):
+    rows = [dict(item="ablation", n=n, draw=d, models=[0, 1], method=m, accuracy=0.9 + 0.01 * d, seconds=0.0)
+            for n in (2, 4) for d in range(2) for m in ("parent mean", "ensemble", "cca", "lstsq")]
+    result = {"item": "ablation", "question": "q", "command": "python benchmarks/beyond.py ablation", "machine": "m",
+              "torch": "t", "date": "d", "setup": "s", "rows": rows}
+    (tmp_path / "ablation").mkdir()
+    (tmp_path / "ablation" / "results.json").write_text(json.dumps(result))
+    beyond.write_report(tmp_path, tmp_path / "report.md")
+    text = (tmp_path / "report.md").read_text()
+    assert "## 1. Ablation" in text and "90.50 ± 0.71 (90.00, 91.00)" in text
+    assert (tmp_path / "img" / "beyond_ablation.png").stat().st_size > 1000
