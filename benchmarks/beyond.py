@@ -673,7 +673,10 @@ def run_item(item: str, args: argparse.Namespace) -> dict[str, Any]:
     elif item == "learned":
         rows = run_learned(ctx, ns, draws, epochs=1 if quick else args.learned_epochs, lr=args.learned_lr, save=save)
     elif item == "hierarchical":
-        rows = run_hierarchical(ctx, ns, draws, save=save)
+        kw: dict[str, Any] = {"aligners": args.aligners} if args.aligners else {}
+        if args.schemes:
+            kw["schemes"] = args.schemes
+        rows = run_hierarchical(ctx, ns, draws, save=save, **kw)
     elif item == "fisher":
         rows = run_fisher(ctx, ns, draws, save=save)
     elif item == "finetune":
@@ -779,7 +782,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, nargs="+", default=None, help="default per item")
     ap.add_argument("--draws", type=int, default=None, help="default: 3 (2 for fisher and splits)")
     ap.add_argument("--aligners", nargs="+", default=None,
-                    help="ablation only: aligners to compare, NAME or NAME:key=value,... (default: cca lstsq procrustes permutation)")
+                    help="ablation: aligners to compare, NAME or NAME:key=value,... (default: cca lstsq procrustes permutation); "
+                         "hierarchical: aligner names (default: cca permutation)")
+    ap.add_argument("--schemes", nargs="+", default=None, help="hierarchical only: schemes to compare")
     ap.add_argument("--calibration", type=int, default=2000)
     ap.add_argument("--fisher-calibration", type=int, default=500)
     ap.add_argument("--batch-size", type=int, default=250, help="calibration batch size")
