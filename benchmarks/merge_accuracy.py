@@ -3,9 +3,10 @@
 A *method* is a triple (aligner, scheme, repair):
 
 * aligner — any registered aligner (``--aligners``, default: all of them);
-* scheme  — ``all_to_one`` (every model aligned to the reference) or ``iterative``
-  (``--schemes``); ``iterative`` only applies to aligners whose class attribute
-  ``needs == "reference"``, the others are run with ``all_to_one`` only;
+* scheme  — ``all_to_one`` (every model aligned to the reference), ``iterative``
+  (re-align to the current merged model until the plan settles) or ``hierarchical``
+  (pairwise binary tree) (``--schemes``); ``iterative`` only applies to aligners
+  whose class attribute ``needs == "reference"``, the others skip it;
 * repair  — ``none``, ``reset_bn`` (re-estimate BatchNorm statistics) or ``repair``
   (REPAIR, Jordan et al. 2023) (``--repairs``; default ``none reset_bn`` for models
   with BatchNorm, ``none`` otherwise).
@@ -56,7 +57,7 @@ from autoalign.datasets import load_dataset, make_loader  # noqa: E402
 from autoalign.repair import has_batchnorm  # noqa: E402
 from benchmarks.train import load_checkpoint, train_models  # noqa: E402
 
-SCHEMES = ("all_to_one", "iterative")
+SCHEMES = ("all_to_one", "iterative", "hierarchical")
 REPAIRS = ("none", "reset_bn", "repair")
 BASELINES = ("base mean", "ensemble")
 
@@ -400,7 +401,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--train-subset", type=int, default=None, help="train on a fixed subset of this many images")
     ap.add_argument("--aligners", nargs="*", help="default: every registered aligner")
     ap.add_argument("--schemes", nargs="+", default=["all_to_one"], choices=SCHEMES,
-                    help="iterative only applies to aligners with needs == 'reference'")
+                    help="default all_to_one; iterative only applies to aligners with needs == 'reference'")
     ap.add_argument("--repairs", nargs="+", default=None, choices=REPAIRS,
                     help="default: none reset_bn with BatchNorm, none without")
     ap.add_argument("--calibration", type=int, default=5000, help="training images used as calibration data")

@@ -11,6 +11,18 @@ From Python::
     paths = train_models("mnist", "mlp", [0, 1], epochs=5, data_root="../shared/data")
     model, ckpt = load_checkpoint(paths[0])
 
+CIFAR-10 is trained with the standard augmentation (random crop of the image
+zero-padded by 4 pixels, random horizontal flip; ``--no-augment`` turns it off);
+``--train-subset 25000`` trains on a fixed random subset of the training set (the
+same images for every seed), e.g. for CPU smoke runs::
+
+    python benchmarks/train.py --dataset cifar10 --arch smallcnn --width 16 --epochs 3 \\
+        --train-subset 25000 --seeds 0 1 2 3 4 5 6 7 --data-root ../shared/data
+
+``--device`` defaults to ``cuda`` when a GPU is visible, else ``cpu``. Base test
+accuracies of the runs reported in docs/results.md are listed there, next to
+each table.
+
 The seed sets both the initialisation and the data order / augmentation. Each
 checkpoint is a ``dict`` with ``state_dict``, ``config`` (everything needed to
 rebuild the model and that determines training), ``seed``, ``test_accuracy``,

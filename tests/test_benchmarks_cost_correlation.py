@@ -160,3 +160,8 @@ def test_train_subset_is_in_the_config_only_when_set(tmp_path: pathlib.Path) -> 
     assert p_sub != p_all
     ck = torch.load(p_sub[0], weights_only=True)
     assert ck["config"]["train_subset"] == 100
+
+
+def test_cost_profile_runs() -> None:
+    text = cost.profile_stats(16, 2, samples=64, batch=32, in_features=8, top=5)
+    assert "Gram x^T x in float64" in text and "collect_stats" in text
