@@ -19,9 +19,9 @@ def test_run_demo_digits_small(tmp_path):
         assert kinds.count("base") == 1 and kinds.count("ensemble") == 1
         merged = {r.method for r in result.merge_rows(arch)}
         assert merged == set(autoalign.list_aligners())  # every registered aligner
-    # repair "none" everywhere; reset_bn only where there is BatchNorm
-    assert {r.repair for r in result.merge_rows("mlp")} == {None}
-    assert {r.repair for r in result.merge_rows("mlp_bn")} == {None, "reset_bn"}
+    # repair "none" and REPAIR everywhere; reset_bn only where there is BatchNorm
+    assert {r.repair for r in result.merge_rows("mlp")} == {None, "repair"}
+    assert {r.repair for r in result.merge_rows("mlp_bn")} == {None, "reset_bn", "repair"}
     for r in result.rows:
         assert 0.0 <= r.accuracy <= 1.0 and not math.isnan(r.accuracy)
     cca = [r for r in result.merge_rows() if r.method == "cca"]
