@@ -23,8 +23,8 @@ import torch
 
 from ..spec import MergePoint
 from ..stats import PointStats
-from .base import ReferenceAligner
-from .linalg import sym_power
+from .base import AlignProblem, PointPlan, ReferenceAligner
+from .linalg import sym_sqrt_pair
 from .registry import register_aligner
 
 __all__ = ["CCAAligner", "cca_transform"]
@@ -33,8 +33,24 @@ __all__ = ["CCAAligner", "cca_transform"]
 _EIG_FLOOR = 1e-12
 
 
+def _ridged_roots(c: torch.Tensor, ridge: float, relative: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(S^{1/2}, S^{-1/2})`` of the ridged covariance ``S = c + γ I``."""
+    d = c.shape[0]
+    g = ridge * (torch.trace(c) / d if relative else 1.0)
+    s = c + g * torch.eye(d, dtype=c.dtype, device=c.device)
+    # eigenvalues floored relative to the mean one, so rank-deficient covariances (dead
+    # units, duplicated channels, fewer samples than channels) stay finite even at ridge=0
+    return sym_sqrt_pair(s, _EIG_FLOOR * float(torch.trace(s)) / d)
+
+
 def cca_transform(
-    cxx: torch.Tensor, cyy: torch.Tensor, cxy: torch.Tensor, *, ridge: float = 0.01, relative: bool = True
+    cxx: torch.Tensor,
+    cyy: torch.Tensor,
+    cxy: torch.Tensor,
+    *,
+    ridge: float = 0.01,
+    relative: bool = True,
+    x_roots: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CCA alignment of ``y``-features onto ``x``-features from covariances.
 
@@ -48,6 +64,9 @@ def cca_transform(
         Regularisation ``γ`` (relative to the mean eigenvalue when ``relative``).
     relative : bool
         Scale the ridge by ``tr(c)/d`` of each covariance.
+    x_roots : (Tensor, Tensor), optional
+        ``(S_xx^{1/2}, S_xx^{-1/2})`` computed once for the reference (they do not
+        depend on the model); computed here when omitted.
 
     Returns
     -------
@@ -58,16 +77,8 @@ def cca_transform(
     rho : Tensor, shape (d,)
         Canonical correlations, descending.
     """
-    d = cxx.shape[0]
-    eye = torch.eye(d, dtype=cxx.dtype, device=cxx.device)
-    gx = ridge * (torch.trace(cxx) / d if relative else 1.0)
-    gy = ridge * (torch.trace(cyy) / d if relative else 1.0)
-    sxx, syy = cxx + gx * eye, cyy + gy * eye
-    # eigenvalues floored relative to the mean one, so rank-deficient covariances (dead
-    # units, duplicated channels, fewer samples than channels) stay finite even at ridge=0
-    fx, fy = _EIG_FLOOR * float(torch.trace(sxx)) / d, _EIG_FLOOR * float(torch.trace(syy)) / d
-    sxx_h, sxx_ih = sym_power(sxx, 0.5, fx), sym_power(sxx, -0.5, fx)
-    syy_h, syy_ih = sym_power(syy, 0.5, fy), sym_power(syy, -0.5, fy)
+    sxx_h, sxx_ih = x_roots if x_roots is not None else _ridged_roots(cxx, ridge, relative)
+    syy_h, syy_ih = _ridged_roots(cyy, ridge, relative)
     u, rho, vt = torch.linalg.svd(sxx_ih @ cxy @ syy_ih)
     t = sxx_h @ u @ vt @ syy_ih
     t_inv = syy_h @ vt.T @ u.T @ sxx_ih
@@ -105,8 +116,20 @@ class CCAAligner(ReferenceAligner):
         self.ridge = float(ridge)
         self.ridge_mode = ridge_mode
 
+    _x_roots: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
+        self._x_roots = None
+        try:
+            return super().solve_point(point, stats, problem)
+        finally:
+            self._x_roots = None
+
     def solve_pair(self, point: MergePoint, stats: PointStats, ref: int, m: int) -> tuple[torch.Tensor, torch.Tensor, float, None]:
+        relative = self.ridge_mode == "relative"
+        if self._x_roots is None:  # the reference's roots: once per point (reset in solve_point)
+            self._x_roots = _ridged_roots(stats.cov(ref), self.ridge, relative)
         t, t_inv, rho = cca_transform(
-            stats.cov(ref), stats.cov(m), stats.cov(ref, m), ridge=self.ridge, relative=self.ridge_mode == "relative"
+            stats.cov(ref), stats.cov(m), stats.cov(ref, m), ridge=self.ridge, relative=relative, x_roots=self._x_roots
         )
         return t, t_inv, float(rho.mean()), None

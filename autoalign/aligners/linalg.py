@@ -19,6 +19,14 @@ def sym_power(s: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor
     return (evecs * evals.pow(power)) @ evecs.T
 
 
+def sym_sqrt_pair(s: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s^{1/2}, s^{-1/2})`` of a symmetric PSD matrix from one eigh (eigenvalues clamped at ``floor``)."""
+    evals, evecs = torch.linalg.eigh(s)
+    evals = torch.clamp(evals, min=max(floor, torch.finfo(s.dtype).tiny))
+    root = evals.sqrt()
+    return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
+
+
 def match_permutation(score: torch.Tensor) -> torch.Tensor:
     """Assignment maximising ``Σ_i score[i, perm[i]]`` (Hungarian), returns ``perm`` (d,)."""
     s = score.detach().cpu().double().numpy()
