@@ -117,21 +117,24 @@ def _best_of(repeats: int, fn: Callable[[], Any], device: str) -> tuple[float, A
     return best, out
 
 
-def make_models(width: int, n: int, in_features: int, device: str) -> list[torch.nn.Module]:
-    """``n`` MLPs ``in_features -> width -> width -> 10`` with different random initialisations."""
-    from benchmarks.models import MLP
+def make_models(width: int, n: int, in_features: int, device: str, model: str = "mlp") -> list[torch.nn.Module]:
+    """``n`` models with different random initialisations: MLPs ``in_features -> width -> width -> 10``
+    (``model="mlp"``) or SmallCNNs of width ``width`` on 3x32x32 inputs (``model="smallcnn"``)."""
+    from benchmarks.models import MLP, SmallCNN
 
     models = []
     for seed in range(n):
         torch.manual_seed(seed)
-        models.append(MLP(in_features, (width, width), 10).to(device).eval())
+        m = SmallCNN(3, 10, width=width) if model == "smallcnn" else MLP(in_features, (width, width), 10)
+        models.append(m.to(device).eval())
     return models
 
 
-def make_data(samples: int, batch: int, in_features: int, device: str) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def make_data(samples: int, batch: int, in_features: int, device: str, model: str = "mlp") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random calibration batches ``(x, y)`` (a list: re-iterable, already on ``device``)."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(samples, in_features, generator=g)
+    shape = (3, 32, 32) if model == "smallcnn" else (in_features,)
+    x = torch.randn(samples, *shape, generator=g)
     y = torch.randint(0, 10, (samples,), generator=g)
     return [(x[i : i + batch].to(device), y[i : i + batch].to(device)) for i in range(0, samples, batch)]
 
@@ -154,10 +157,11 @@ def measure(
     in_features: int = 784,
     repeats: int = 2,
     device: str = "cpu",
+    model: str = "mlp",
 ) -> dict[str, Any]:
     """Time and memory of one ``(width, N, aligner)`` merge (run it in a fresh process for clean memory figures)."""
-    models = make_models(width, n, in_features, device)
-    data = make_data(samples, batch, in_features, device)
+    models = make_models(width, n, in_features, device, model)
+    data = make_data(samples, batch, in_features, device, model)
     forward_floor(models, data[:1])  # warm-up
     spec = autoalign.find_merge_points(models[0], data[0][0])
     needs = autoalign.get_aligner(aligner).needs
@@ -180,6 +184,7 @@ def measure(
     del res
     floor, _ = _best_of(repeats, lambda: forward_floor(models, data), device)
     return {
+        "model": model,
         "width": width,
         "n": n,
         "aligner": aligner,
@@ -252,6 +257,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                     sys.executable, __file__, "--worker", "--widths", str(width), "--n", str(n), "--aligners", aligner,
                     "--samples", str(args.samples), "--batch", str(args.batch), "--in-features", str(args.in_features),
                     "--repeats", str(args.repeats), "--threads", str(args.threads), "--device", args.device,
+                    "--model", args.model,
                 ]
                 proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
                 if proc.returncode != 0:
@@ -276,7 +282,9 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}; torch {result['torch']}; {result['date']}.  ",
-        f"Models: MLP {result['in_features']}-d-d-10 with random weights; calibration: {result['samples']} random "
+        (f"Models: SmallCNN of width d (channels d, d, 2d, 2d) on 3×32×32 inputs" if result.get("model") == "smallcnn"
+         else f"Models: MLP {result['in_features']}-d-d-10")
+        + f" with random weights; calibration: {result['samples']} random "
         f"inputs in batches of {result['batch']}; times are the best of {result['repeats']} runs; repair off.",
         "",
         "| aligner | d | N | statistics s | forward floor s | stats / floor | solve s | apply s "
@@ -339,6 +347,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--in-features", type=int, default=784)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--model", choices=["mlp", "smallcnn"], default="mlp",
+                    help="MLP in-d-d-10, or SmallCNN of width d on 3x32x32 inputs")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/out/cost")
@@ -354,7 +364,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.worker:
         row = measure(
             args.widths[0], args.n[0], args.aligners[0], samples=args.samples, batch=args.batch,
-            in_features=args.in_features, repeats=args.repeats, device=args.device,
+            in_features=args.in_features, repeats=args.repeats, device=args.device, model=args.model,
         )
         print(json.dumps(row))
         return 0
@@ -377,6 +387,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "samples": args.samples,
         "batch": args.batch,
         "in_features": args.in_features,
+        "model": args.model,
         "repeats": args.repeats,
         "rows": rows,
     }

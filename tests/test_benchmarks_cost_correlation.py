@@ -165,3 +165,9 @@ def test_train_subset_is_in_the_config_only_when_set(tmp_path: pathlib.Path) -> 
 def test_cost_profile_runs() -> None:
     text = cost.profile_stats(16, 2, samples=64, batch=32, in_features=8, top=5)
     assert "Gram x^T x in float64" in text and "collect_stats" in text
+
+
+def test_cost_measure_tiny_cnn() -> None:
+    row = cost.measure(2, 2, "cca", samples=16, batch=8, repeats=1, model="smallcnn")
+    assert row["model"] == "smallcnn" and row["floor_seconds"] > 0
+    assert row["stats_blocks"] == 4 * 3  # four conv points, 2 squares + 1 cross each
