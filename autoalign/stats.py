@@ -19,6 +19,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 from torch import nn
@@ -251,8 +252,10 @@ def _features(value: torch.Tensor, site: Site, params: dict[str, torch.Tensor] |
     if site.kind == "projected":
         assert params is not None and site.weight is not None
         x = torch.nn.functional.linear(x, params[site.weight], params[site.bias] if site.bias else None)
+    r, d = site.index.shape
+    if r == 1 and d == x.shape[-1] and bool((site.index[0] == np.arange(d)).all()):
+        return x.reshape(-1, d).to(torch.float64)  # the whole axis in order: no gather
     idx = torch.as_tensor(site.index, device=x.device)
-    r, d = idx.shape
     return x[..., idx.reshape(-1)].reshape(-1, d).to(torch.float64)
 
 
@@ -366,9 +369,15 @@ def collect_stats(
                 outs.append(dict(zip(node_names, vals)))
             for p in wanted:
                 sites = site_lists[p.name]
-                xs = [torch.cat([_features(outs[m][s.node], s, params[m]) for s in sites]) for m in range(n_models)]
+                xs = [
+                    _features(outs[m][sites[0].node], sites[0], params[m]) if len(sites) == 1
+                    else torch.cat([_features(outs[m][s.node], s, params[m]) for s in sites])
+                    for m in range(n_models)
+                ]
+                batch_sums = [x.sum(0) for x in xs]
                 for m, x in enumerate(xs):
-                    if not bool(torch.isfinite(x).all()):
+                    # NaN/Inf in any feature reaches the sum (Inf − Inf gives NaN): one cheap check
+                    if not bool(torch.isfinite(batch_sums[m]).all()):
                         raise NonFiniteError(
                             f"model {m} has NaN/Inf features at merge point {p.name!r} (node(s) "
                             f"{sorted({s.node for s in sites})}) on calibration batch {batches}; check the data for "
@@ -382,7 +391,7 @@ def collect_stats(
                     cross[p.name] = {pair: torch.zeros(d, d, **z) for pair in pairs}
                     count[p.name] = 0
                 for m, x in enumerate(xs):
-                    sums[p.name][m] += x.sum(0)
+                    sums[p.name][m] += batch_sums[m]
                     squares[p.name][m] += x.T @ x
                 for (i, j), acc in cross[p.name].items():
                     acc += xs[i].T @ xs[j]
