@@ -33,7 +33,7 @@ draw reported. Each writes ``results.json`` and ``results.md`` under
 ``all``
     everything above, one after the other.
 
-Example (the runs of docs/beyond_results.md)::
+Example (the runs of the "Beyond the paper" section of docs/results.md)::
 
     nice -n 19 python benchmarks/beyond.py ablation --data-root ../shared/data --threads 1
 
@@ -773,7 +773,7 @@ def write_report(out: pathlib.Path, path: pathlib.Path) -> None:
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("item", choices=[*ITEMS, "all", "report"], help="report: assemble --report-to from the results")
-    ap.add_argument("--report-to", default="docs/beyond_results.md")
+    ap.add_argument("--report-to", default="benchmarks/out/beyond/report.md")
     ap.add_argument("--quick", action="store_true", help="tiny smoke configuration")
     ap.add_argument("--dataset", default="mnist")
     ap.add_argument("--hidden", type=int, nargs="+", default=[512, 512])
