@@ -118,14 +118,16 @@ def write_doc(done: dict[str, dict], out: str, names: list[str]) -> None:
         lines += ["", "## Notes per model (frozen points other than inputs/outputs; float64 re-checks)", ""]
         for n, rs in reasons:
             for r in rs:
-                lines.append(f"- `{n}`: {r}")
+                text = r.replace("`", "'")
+                lines.append(f"- `{n}`: `{text}`")  # fx node text is not markdown
     with open(out, "w") as f:
         f.write("\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":
     if len(__import__("sys").argv) > 1 and __import__("sys").argv[1] == "--render":
-        rows = json.loads(pathlib.Path("benchmarks/out/coverage_rows.json").read_text())
+        src = pathlib.Path("benchmarks/out/coverage_rows.json")
+        rows = json.loads((src if src.exists() else pathlib.Path("docs/coverage_rows.json")).read_text())
         write_doc(rows, "docs/coverage.md", torchvision_classifiers())
     else:
         main()
