@@ -253,6 +253,50 @@ def _apply_plan(
     return moved, folds, average_state_dicts(moved, w.tolist())
 
 
+def _repair(
+    out: nn.Module,
+    repair: str,
+    work: Sequence[nn.Module],
+    moved: list[dict[str, torch.Tensor]],
+    folds: list[Any],
+    spec: MergeSpec,
+    data: Iterable[Any],
+    w: torch.Tensor,
+    *,
+    input_fn: Callable[[Any], Any],
+    num_batches: int | None,
+    device: Any,
+    progress: bool = False,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]], dict[str, str]]:
+    """Repair ``out`` in place (``"reset_bn"`` or ``"repair"``): (targets, notes)."""
+    if repair == "repair":
+        producers, bns = repair_sites(out, spec)
+        names = producers + bns
+    else:
+        names = sorted({f.running_mean.rsplit(".", 1)[0] for f in folds if f.weight and f.bias})
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if names:
+        # REPAIR's target: the per-channel statistics the aligned models have there
+        aligned = []
+        for m in range(len(work)):
+            mm = copy.deepcopy(work[m])
+            mm.load_state_dict(moved[m])
+            aligned.append(mm)
+        targets = output_channel_stats(
+            aligned, names, data, weights=w.tolist(), input_fn=input_fn, num_batches=num_batches, device=device
+        )
+        del aligned
+    notes: dict[str, str] = {}
+    if repair == "repair":
+        notes = repair_producers(out, targets, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
+    else:
+        # the folded BatchNorms lost their learned scale: target the aligned models' statistics
+        reset_bn(out, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
+        sync_batchnorm_stats(out)
+        set_batchnorm_affine(out, targets)
+    return targets, notes
+
+
 def _merge_hierarchical(
     work: list[nn.Module],
     data: Iterable[Any],
@@ -431,8 +475,11 @@ def merge_with_report(
             t0 = time.perf_counter()
             current = copy.deepcopy(work[reference])
             current.load_state_dict(merged_sd)
-            if has_batchnorm(current):
-                reset_bn(current, data, input_fn=fn, num_batches=num_batches, device=device)
+            # the consensus model is repaired like the final one, so its features are not shrunk
+            cur_repair = ("reset_bn" if has_batchnorm(current) else None) if repair == "auto" else repair
+            if cur_repair in ("reset_bn", "repair"):
+                _repair(current, cur_repair, work, moved, folds, spec, data, w, input_fn=fn,
+                        num_batches=num_batches, device=device)
             stats = collect_stats(
                 work + [current], data, spec, needs=al.needs, reference=n, input_fn=fn, num_batches=num_batches,
                 device=device, trace_options={"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions},
@@ -480,33 +527,10 @@ def merge_with_report(
         repair = "reset_bn" if has_batchnorm(out) else None
     repair_targets = None
     if repair in ("reset_bn", "repair"):
-        if repair == "repair":
-            producers, bns = repair_sites(out, spec)
-            names = producers + bns
-        else:
-            names = sorted({f.running_mean.rsplit(".", 1)[0] for f in folds if f.weight and f.bias})
-        targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        if names:
-            # REPAIR's target: the per-channel statistics the aligned models have there
-            aligned = []
-            for m in range(n):
-                mm = copy.deepcopy(work[m])
-                mm.load_state_dict(moved[m])
-                aligned.append(mm)
-            targets = output_channel_stats(
-                aligned, names, data, weights=w.tolist(), input_fn=fn, num_batches=num_batches, device=device
-            )
-            del aligned
-        if repair == "repair":
-            report.repair_notes = repair_producers(
-                out, targets, data, input_fn=fn, num_batches=num_batches, device=device, progress=progress
-            )
-        else:
-            # the folded BatchNorms lost their learned scale: target the aligned models' statistics
-            reset_bn(out, data, input_fn=fn, num_batches=num_batches, device=device, progress=progress)
-            sync_batchnorm_stats(out)
-            set_batchnorm_affine(out, targets)
-        repair_targets = targets
+        repair_targets, report.repair_notes = _repair(
+            out, repair, work, moved, folds, spec, data, w, input_fn=fn, num_batches=num_batches, device=device,
+            progress=progress,
+        )
     report.repair = repair if repair != "none" else None
     timings["repair"] = time.perf_counter() - t0
     report.timings = timings
