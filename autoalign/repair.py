@@ -70,9 +70,27 @@ def reset_bn(
     >>> bool(net[1].num_batches_tracked == 2)
     True
     """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
+    if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
         return model
+    if _calibration_pass(model, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress, desc="reset_bn") == 0:
+        raise MergeError("reset_bn: the calibration data yielded no batch")
+    return model
+
+
+def _calibration_pass(
+    model: nn.Module,
+    data: Iterable[Any],
+    *,
+    input_fn: Callable[[Any], Any] | None,
+    num_batches: int | None,
+    device: torch.device | str | None,
+    progress: bool,
+    desc: str,
+) -> int:
+    """One pass over ``data`` with every BatchNorm re-estimating its statistics as the exact
+    average over the batches (``momentum=None``, training mode) and everything else in eval
+    mode; flags and momenta restored. Returns the number of batches seen."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in bns]
     fn = input_fn or default_input_fn
@@ -88,7 +106,7 @@ def reset_bn(
         if progress:
             from tqdm.auto import tqdm
 
-            it = tqdm(data, desc="reset_bn", unit="batch", leave=False)
+            it = tqdm(data, desc=desc, unit="batch", leave=False)
         with torch.no_grad():
             for inputs in iter_model_inputs(it, input_fn=fn, num_batches=num_batches, device=dev):
                 model(*inputs)
@@ -98,9 +116,7 @@ def reset_bn(
             m.momentum = mom
         for m, flag in flags:
             m.training = flag
-    if seen == 0:
-        raise MergeError("reset_bn: the calibration data yielded no batch")
-    return model
+    return seen
 
 
 def channel_axis(module: nn.Module) -> int:
@@ -314,15 +330,10 @@ def repair_producers(
     >>> [round(v, 3) for v in mean.tolist() + std.tolist()]
     [1.0, 2.0, 0.5, 3.0]
     """
-    fn = input_fn or default_input_fn
-    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
     notes: dict[str, str] = {}
     bn_targets = {k: v for k, v in targets.items() if isinstance(model.get_submodule(k), nn.modules.batchnorm._BatchNorm)}
     prod_targets = {k: v for k, v in targets.items() if k not in bn_targets}
     set_batchnorm_affine(model, bn_targets)
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    flags = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in bns]
     acc: dict[str, list[Any]] = {}
     hooks = []
 
@@ -344,32 +355,14 @@ def repair_producers(
 
         return hook
 
-    seen = 0
+    for name, (mt, st) in prod_targets.items():
+        mod = model.get_submodule(name)
+        hooks.append(mod.register_forward_hook(make_hook(name, channel_axis(mod), mt, st)))
     try:
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        for name, (mt, st) in prod_targets.items():
-            mod = model.get_submodule(name)
-            hooks.append(mod.register_forward_hook(make_hook(name, channel_axis(mod), mt, st)))
-        it: Iterable[Any] = data
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(data, desc="repair", unit="batch", leave=False)
-        with torch.no_grad():
-            for inputs in iter_model_inputs(it, input_fn=fn, num_batches=num_batches, device=dev):
-                model(*inputs)
-                seen += 1
+        seen = _calibration_pass(model, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress, desc="repair")
     finally:
         for h in hooks:
             h.remove()
-        for m, mom in momenta:
-            m.momentum = mom
-        for m, flag in flags:
-            m.training = flag
     if seen == 0:
         raise MergeError("repair: the calibration data yielded no batch")
     all_reduce_moments(acc)
