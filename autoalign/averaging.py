@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .apply import average_state_dicts
 from .errors import MergeError
 from .stats import default_input_fn, iter_model_inputs
 from .trace import eval_mode
@@ -188,15 +189,11 @@ def fisher_average(
     >>> fisher_average(sds, fs, {"w": "w"}, [0.5, 0.5])["w"].tolist()
     [0.5, 0.25]
     """
-    w = [float(x) for x in weights]
-    merged: dict[str, torch.Tensor] = {}
+    w = [float(x) / float(sum(weights)) for x in weights]
+    merged = average_state_dicts(list(state_dicts), w)  # buffers; parameters are replaced below
     for key, ref in state_dicts[0].items():
         name = param_of_key.get(key)
         if name is None or not ref.is_floating_point():
-            if ref.is_floating_point():
-                merged[key] = sum(wi * sd[key].to(torch.float64) for wi, sd in zip(w, state_dicts)).to(ref.dtype)
-            else:
-                merged[key] = ref.clone()
             continue
         fs = [f[name].to(torch.float64) for f in fishers]
         scale = max(float(f.mean()) for f in fs)
@@ -290,14 +287,8 @@ def learn_coefficients(
     for name in names:
         shape = (n,) + ((1,) * (stacked[name].dim() - 1) if granularity == "layer" else tuple(stacked[name].shape[1:]))
         logits[name] = torch.log(w.clamp_min(1e-12)).reshape((n,) + (1,) * (len(shape) - 1)).expand(shape).clone().requires_grad_(True)
-    buffers = {}
-    for bname, b in model.named_buffers():
-        key = bname
-        vals = [sd[key] for sd in state_dicts]
-        buffers[bname] = (
-            sum(float(wi) * v.to(dev, torch.float64) for wi, v in zip(w, vals)).to(b.dtype)
-            if b.is_floating_point() else vals[0].to(dev)
-        )
+    averaged = average_state_dicts(list(state_dicts), w.tolist())
+    buffers = {bname: averaged[bname].to(dev) for bname, _ in model.named_buffers()}
 
     def combined() -> dict[str, torch.Tensor]:
         return {name: (torch.softmax(logits[name], dim=0) * stacked[name]).sum(0) for name in names}
@@ -332,14 +323,10 @@ def learn_coefficients(
                     opt.step()
     with torch.no_grad():
         params = combined()
-    merged: dict[str, torch.Tensor] = {}
-    for key, ref in state_dicts[0].items():
-        if key in param_of_key:
-            merged[key] = params[param_of_key[key]].to(ref.dtype).to(ref.device)
-        elif ref.is_floating_point():
-            merged[key] = sum(float(wi) * sd[key].to(torch.float64) for wi, sd in zip(w.cpu(), state_dicts)).to(ref.dtype)
-        else:
-            merged[key] = ref.clone()
+    merged = average_state_dicts(list(state_dicts), w.tolist())  # buffers; parameters are replaced below
+    for key, name in param_of_key.items():
+        ref = state_dicts[0][key]
+        merged[key] = params[name].to(ref.dtype).to(ref.device)
     return merged, losses
 
 
@@ -373,8 +360,6 @@ def average_aligned(
     >>> torch.allclose(merged["bias"], (sds[0]["bias"] + sds[1]["bias"]) / 2)
     True
     """
-    from .apply import average_state_dicts
-
     options = dict(options or {})
     if averaging not in AVERAGINGS:
         raise MergeError(f"averaging must be one of {AVERAGINGS}, got {averaging!r}")

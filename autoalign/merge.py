@@ -28,7 +28,7 @@ from .repair import (
     set_batchnorm_affine,
 )
 from .spec import MergeSpec, kind_rank
-from .stats import Stats, collect_stats, default_input_fn, sync_batchnorm_stats
+from .stats import Stats, collect_stats, default_input_fn
 from .trace import as_input_tuple, eval_mode
 
 __all__ = ["merge", "merge_with_report", "MergeResult", "MergeReport", "PointReport"]
@@ -292,7 +292,6 @@ def _repair(
     else:
         # the folded BatchNorms lost their learned scale: target the aligned models' statistics
         reset_bn(out, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
-        sync_batchnorm_stats(out)
         set_batchnorm_affine(out, targets)
     return targets, notes
 
@@ -410,7 +409,7 @@ def merge_with_report(
     if scheme == "iterative" and al.needs != "reference":
         raise MergeError(
             f"scheme='iterative' re-aligns every model to the current merged model, so it needs an aligner that "
-            f"aligns to a reference (needs='reference': cca, permutation, ot, lstsq, procrustes); {al.name!r} has needs={al.needs!r}"
+            f"aligns to a reference (needs='reference', e.g. cca or permutation); {al.name!r} has needs={al.needs!r}"
             + ("; it runs MergeMany itself (its option strategy='merge_many', the default for N > 2)" if al.name == "weight_matching" else "")
         )
 

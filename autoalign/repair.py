@@ -59,7 +59,9 @@ def reset_bn(
 
     Statistics are reset and recomputed as the exact average over the batches
     (``momentum=None``); only BatchNorm layers run in training mode, so dropout
-    stays off. The model's train/eval flags are restored.
+    stays off. The model's train/eval flags are restored. Under
+    ``torch.distributed`` the statistics of all processes' shards are combined
+    (:func:`autoalign.stats.sync_batchnorm_stats`).
 
     Examples
     --------
@@ -116,6 +118,7 @@ def _calibration_pass(
             m.momentum = mom
         for m, flag in flags:
             m.training = flag
+    sync_batchnorm_stats(model)  # under torch.distributed: the statistics of all processes' shards
     return seen
 
 
@@ -128,6 +131,14 @@ def _per_channel(y: torch.Tensor, axis: int) -> torch.Tensor:
     """``y`` as (samples, channels) in float64."""
     c = y.shape[axis]
     return y.detach().to(torch.float64).movedim(axis, -1).reshape(-1, c)
+
+
+def _accumulate(acc: dict[str, list[Any]], name: str, y2: torch.Tensor) -> None:
+    """Add a (samples, channels) batch to ``acc[name] = [count, Σ y, Σ y²]``."""
+    a = acc.setdefault(name, [0, 0.0, 0.0])
+    a[0] += y2.shape[0]
+    a[1] = a[1] + y2.sum(0)
+    a[2] = a[2] + (y2 * y2).sum(0)
 
 
 def output_channel_stats(
@@ -182,11 +193,7 @@ def output_channel_stats(
 
         def make_hook(name: str, axis: int) -> Callable[..., None]:
             def hook(_m: nn.Module, _inp: Any, y: torch.Tensor) -> None:
-                y2 = _per_channel(y, axis)
-                a = acc.setdefault(name, [0, 0.0, 0.0])
-                a[0] += y2.shape[0]
-                a[1] = a[1] + y2.sum(0)
-                a[2] = a[2] + (y2 * y2).sum(0)
+                _accumulate(acc, name, _per_channel(y, axis))
 
             return hook
 
@@ -340,10 +347,7 @@ def repair_producers(
     def make_hook(name: str, axis: int, mean_t: torch.Tensor, std_t: torch.Tensor) -> Callable[..., torch.Tensor]:
         def hook(_m: nn.Module, _inp: Any, y: torch.Tensor) -> torch.Tensor:
             y2 = _per_channel(y, axis)
-            a = acc.setdefault(name, [0, 0.0, 0.0])
-            a[0] += y2.shape[0]
-            a[1] = a[1] + y2.sum(0)
-            a[2] = a[2] + (y2 * y2).sum(0)
+            _accumulate(acc, name, y2)
             mb = y2.mean(0)
             sb = torch.sqrt(torch.clamp(y2.var(0, unbiased=False), min=0.0) + eps)
             mt, st = mean_t.to(y2), std_t.to(y2)
@@ -366,7 +370,6 @@ def repair_producers(
     if seen == 0:
         raise MergeError("repair: the calibration data yielded no batch")
     all_reduce_moments(acc)
-    sync_batchnorm_stats(model)
     with torch.no_grad():
         for name, (mt, st) in prod_targets.items():
             if name not in acc:

@@ -225,17 +225,6 @@ def test_einsum_attention():
     assert report.ok, str(report)
 
 
-def test_einsum_attention_head_transforms_are_exact():
-    torch.manual_seed(0)
-    net = EinsumAttention().double()
-    x = torch.randn(2, 5, 3, dtype=torch.float64)
-    spec = autoalign.find_merge_points(net, x)
-    transforms = _random_transforms(spec, ("orthogonal", "linear"))
-    transforms.pop("inp")  # the stream goes through a ReLU before the head
-    sd = autoalign.transform_state_dict(net.state_dict(), spec, transforms)
-    other = EinsumAttention().double()
-    other.load_state_dict(sd)
-    torch.testing.assert_close(other(x), net(x))
 
 
 @pytest.mark.parametrize("batch_first", [True, False])
@@ -309,14 +298,15 @@ def test_scaled_dot_product_attention_is_head_aware(causal):
     assert report.ok, str(report)
 
 
-def test_scaled_dot_product_attention_head_transforms_are_exact():
+@pytest.mark.parametrize("cls", [EinsumAttention, SDPAttention], ids=["einsum", "sdpa"])
+def test_attention_head_transforms_are_exact(cls):
     torch.manual_seed(0)
-    net = SDPAttention().double()
+    net = cls().double()
     x = torch.randn(2, 5, 3, dtype=torch.float64)
     spec = autoalign.find_merge_points(net, x)
     transforms = _random_transforms(spec, ("orthogonal", "linear"))
-    transforms.pop("inp")
+    transforms.pop("inp")  # the stream goes through a ReLU before the head
     sd = autoalign.transform_state_dict(net.state_dict(), spec, transforms)
-    other = SDPAttention().double()
+    other = cls().double()
     other.load_state_dict(sd)
     torch.testing.assert_close(other(x), net(x))
