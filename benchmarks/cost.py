@@ -117,15 +117,30 @@ def _best_of(repeats: int, fn: Callable[[], Any], device: str) -> tuple[float, A
     return best, out
 
 
-def make_models(width: int, n: int, in_features: int, device: str, model: str = "mlp") -> list[torch.nn.Module]:
-    """``n`` models with different random initialisations: MLPs ``in_features -> width -> width -> 10``
-    (``model="mlp"``) or SmallCNNs of width ``width`` on 3x32x32 inputs (``model="smallcnn"``)."""
-    from benchmarks.models import MLP, SmallCNN
+#: Models ``--model`` can build, and what ``--widths`` means for each.
+MODELS = {
+    "mlp": "MLP in_features-d-d-10 (d = width)",
+    "smallcnn": "SmallCNN of width d (channels d, d, 2d, 2d) on 3x32x32 inputs",
+    "resnet20": "ResNet20 with width multiplier d (stage widths 16d, 32d, 64d) on 3x32x32 inputs",
+    "vgg11": "VGG11 with width multiplier d (64d ... 512d channels) on 3x32x32 inputs",
+}
+
+
+def make_models(width: float, n: int, in_features: int, device: str, model: str = "mlp") -> list[torch.nn.Module]:
+    """``n`` models with different random initialisations (see :data:`MODELS` for ``width``)."""
+    from benchmarks.models import MLP, ResNet20, SmallCNN, VGG11
 
     models = []
     for seed in range(n):
         torch.manual_seed(seed)
-        m = SmallCNN(3, 10, width=width) if model == "smallcnn" else MLP(in_features, (width, width), 10)
+        if model == "smallcnn":
+            m = SmallCNN(3, 10, width=int(width))
+        elif model == "resnet20":
+            m = ResNet20(10, width_multiplier=width)
+        elif model == "vgg11":
+            m = VGG11(3, 10, width_multiplier=width, input_size=32)
+        else:
+            m = MLP(in_features, (int(width), int(width)), 10)
         models.append(m.to(device).eval())
     return models
 
@@ -133,7 +148,7 @@ def make_models(width: int, n: int, in_features: int, device: str, model: str = 
 def make_data(samples: int, batch: int, in_features: int, device: str, model: str = "mlp") -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Random calibration batches ``(x, y)`` (a list: re-iterable, already on ``device``)."""
     g = torch.Generator().manual_seed(0)
-    shape = (3, 32, 32) if model == "smallcnn" else (in_features,)
+    shape = (in_features,) if model == "mlp" else (3, 32, 32)
     x = torch.randn(samples, *shape, generator=g)
     y = torch.randint(0, 10, (samples,), generator=g)
     return [(x[i : i + batch].to(device), y[i : i + batch].to(device)) for i in range(0, samples, batch)]
@@ -148,7 +163,7 @@ def forward_floor(models: Sequence[torch.nn.Module], data: Sequence[Any]) -> Non
 
 
 def measure(
-    width: int,
+    width: float,
     n: int,
     aligner: str,
     *,
@@ -176,13 +191,20 @@ def measure(
 
     with PeakMemory(device) as mem_merge:
         autoalign.merge_with_report(models, data, aligner=aligner, repair=None, spec=spec)
+    # forward floor and merge interleaved, best of each: a machine shared with other jobs
+    # slows both alike within a repeat, and the best repeat is the least disturbed
     timings: dict[str, float] = {}
+    floors: list[float] = []
+    stats_runs: list[float] = []
     for _ in range(repeats):
+        sec, _ = _best_of(1, lambda: forward_floor(models, data), device)
+        floors.append(sec)
         res = autoalign.merge_with_report(models, data, aligner=aligner, repair=None, spec=spec)
         for k, v in res.report.timings.items():
             timings[k] = min(timings.get(k, float("inf")), float(v))
+        stats_runs.append(float(res.report.timings.get("statistics", float("nan"))))
     del res
-    floor, _ = _best_of(repeats, lambda: forward_floor(models, data), device)
+    floor = min(floors)
     return {
         "model": model,
         "width": width,
@@ -195,6 +217,8 @@ def measure(
         "threads": torch.get_num_threads(),
         "timings": timings,
         "floor_seconds": floor,
+        "floor_runs": floors,
+        "statistics_runs": stats_runs,
         "stats_over_floor": timings.get("statistics", float("nan")) / floor if floor > 0 else float("nan"),
         "stats_peak_bytes": int(mem_stats.peak),
         "merge_peak_bytes": int(mem_merge.peak),
@@ -235,9 +259,9 @@ def profile_stats(width: int, n: int, aligner: str = "cca", *, samples: int = 50
     acc = torch.zeros(width, width, dtype=torch.float64, device=device)
     rows = {
         "forward product x @ W^T (float32, b x d x d)": timed(lambda: torch.nn.functional.linear(x32, w)),
-        "Gram x^T x in float64 (stats.py)": timed(lambda: x64.T @ x64),
+        "Gram x^T x in float64 (stats.py before float32 products)": timed(lambda: x64.T @ x64),
         "float32 -> float64 copy of x": timed(lambda: x32.to(torch.float64)),
-        "Gram x^T x in float32": timed(lambda: x32.T @ x32),
+        "Gram x^T x in float32 (stats.py)": timed(lambda: x32.T @ x32),
         "acc += x^T x (float64, temporary)": timed(lambda: acc.add_(x64.T @ x64)),
         "acc.addmm_(x^T, x) (float64, in place)": timed(lambda: acc.addmm_(x64.T, x64)),
         "acc += (x32^T x32).double() (float32 product)": timed(lambda: acc.add_((x32.T @ x32).double())),
@@ -265,7 +289,7 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 row = json.loads(proc.stdout.strip().splitlines()[-1])
                 t = row["timings"]
                 print(
-                    f"{aligner:12s} d={width:5d} N={n:2d} stats={t.get('statistics', 0):7.3f}s floor={row['floor_seconds']:7.3f}s "
+                    f"{aligner:12s} d={width:g} N={n:2d} stats={t.get('statistics', 0):7.3f}s floor={row['floor_seconds']:7.3f}s "
                     f"ratio={row['stats_over_floor']:5.2f} solve={t.get('solve', 0):7.3f}s apply={t.get('apply', 0):6.3f}s "
                     f"stats_mem={row['stats_peak_bytes'] / 2**20:7.1f}MiB merge_mem={row['merge_peak_bytes'] / 2**20:7.1f}MiB",
                     flush=True,
@@ -282,8 +306,8 @@ def to_markdown(result: dict[str, Any]) -> str:
     lines = [
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}; torch {result['torch']}; {result['date']}.  ",
-        (f"Models: SmallCNN of width d (channels d, d, 2d, 2d) on 3×32×32 inputs" if result.get("model") == "smallcnn"
-         else f"Models: MLP {result['in_features']}-d-d-10")
+        (f"Models: MLP {result['in_features']}-d-d-10" if result.get("model", "mlp") == "mlp"
+         else f"Models: {MODELS[result['model']]}")
         + f" with random weights; calibration: {result['samples']} random "
         f"inputs in batches of {result['batch']}; times are the best of {result['repeats']} runs; repair off.",
         "",
@@ -294,7 +318,7 @@ def to_markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         t = r["timings"]
         lines.append(
-            f"| {r['aligner']} | {r['width']} | {r['n']} | {t.get('statistics', 0):.3f} | {r['floor_seconds']:.3f} "
+            f"| {r['aligner']} | {r['width']:g} | {r['n']} | {t.get('statistics', 0):.3f} | {r['floor_seconds']:.3f} "
             f"| {r['stats_over_floor']:.2f} | {t.get('solve', 0):.3f} | {t.get('apply', 0):.3f} "
             f"| {_mib(r['stats_peak_bytes'])} | {_mib(r['stats_result_bytes'])} | {_mib(r['merge_peak_bytes'])} |"
         )
@@ -340,15 +364,16 @@ def plot(result: dict[str, Any], path: str | os.PathLike[str]) -> None:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--widths", type=int, nargs="+", default=[128, 256, 512, 1024])
+    ap.add_argument("--widths", type=float, nargs="+", default=[128, 256, 512, 1024],
+                    help="MLP / SmallCNN width d, or ResNet20 / VGG11 width multiplier")
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--aligners", nargs="+", default=["cca", "permutation"])
     ap.add_argument("--samples", type=int, default=5000)
     ap.add_argument("--batch", type=int, default=500)
     ap.add_argument("--in-features", type=int, default=784)
     ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--model", choices=["mlp", "smallcnn"], default="mlp",
-                    help="MLP in-d-d-10, or SmallCNN of width d on 3x32x32 inputs")
+    ap.add_argument("--model", choices=sorted(MODELS), default="mlp",
+                    help="; ".join(f"{k}: {v}" for k, v in MODELS.items()))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="benchmarks/out/cost")
@@ -369,7 +394,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(json.dumps(row))
         return 0
     if args.profile:
-        text = profile_stats(args.widths[0], args.n[0], args.aligners[0], samples=args.samples, batch=args.batch,
+        text = profile_stats(int(args.widths[0]), args.n[0], args.aligners[0], samples=args.samples, batch=args.batch,
                              in_features=args.in_features, device=args.device)
         print(text)
         out = pathlib.Path(args.out)

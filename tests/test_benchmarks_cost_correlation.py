@@ -164,10 +164,20 @@ def test_train_subset_is_in_the_config_only_when_set(tmp_path: pathlib.Path) -> 
 
 def test_cost_profile_runs() -> None:
     text = cost.profile_stats(16, 2, samples=64, batch=32, in_features=8, top=5)
-    assert "Gram x^T x in float64" in text and "collect_stats" in text
+    assert "Gram x^T x in float32 (stats.py)" in text and "collect_stats" in text
 
 
 def test_cost_measure_tiny_cnn() -> None:
     row = cost.measure(2, 2, "cca", samples=16, batch=8, repeats=1, model="smallcnn")
     assert row["model"] == "smallcnn" and row["floor_seconds"] > 0
     assert row["stats_blocks"] == 4 * 3  # four conv points, 2 squares + 1 cross each
+
+
+def test_cost_measure_tiny_resnet20_records_every_repeat() -> None:
+    row = cost.measure(0.25, 2, "cca", samples=8, batch=4, repeats=2, model="resnet20")
+    assert row["model"] == "resnet20" and row["width"] == 0.25
+    assert len(row["floor_runs"]) == 2 and row["floor_seconds"] == min(row["floor_runs"])
+    assert len(row["statistics_runs"]) == 2 and row["timings"]["statistics"] == min(row["statistics_runs"])
+    md = cost.to_markdown({"command": "x", "machine": "m", "torch": "t", "date": "d", "samples": 8, "batch": 4,
+                           "in_features": 784, "model": "resnet20", "repeats": 2, "rows": [row]})
+    assert "ResNet20 with width multiplier d" in md and "| cca | 0.25 | 2 |" in md

@@ -1,0 +1,174 @@
+"""Feature statistics (``autoalign.collect_stats``) against a float64 oracle.
+
+The pass takes its products chunk by chunk, in float32 for float32 models, on
+features minus a per-model shift, through two layouts (channels-first batched
+products when a map has at least as many positions as channels, rows
+otherwise). The oracle gathers every site's features in float64 the direct way
+and computes the moments in one go.
+"""
+
+import pytest
+import torch
+from torch import nn
+
+import autoalign
+import autoalign.stats as stats_mod
+from autoalign.stats import _sites_for, feature_module
+
+
+class Net(nn.Module):
+    """Conv maps with more positions than channels (8 at 8x8), a residual stream (a point with
+    several sites), a map with more channels than positions (32 at 2x2) whose features are
+    mean-dominated (mean 50, spread ~0.05: float32 raw moments would cancel), and a Linear."""
+
+    def __init__(self, seed: int) -> None:
+        super().__init__()
+        torch.manual_seed(seed)
+        self.c1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.down = nn.Conv2d(8, 32, 4, stride=4)
+        self.fc = nn.Linear(32 * 4, 16)
+        self.head = nn.Linear(16, 3)
+        with torch.no_grad():
+            self.down.weight.mul_(0.01)
+            self.down.bias.fill_(50.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.c1(x))
+        h = h + torch.relu(self.c2(h))
+        h = self.down(h)
+        h = torch.relu(self.fc(h.flatten(1)))
+        return self.head(h)
+
+
+def _data(dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    return [torch.randn(20, 3, 8, 8, generator=g).to(dtype) for _ in range(3)]
+
+
+def _oracle(models, data, spec, point):
+    """Every site's features of ``point`` in float64, stacked: one (samples, d) matrix per model."""
+    sites = _sites_for(point)
+    nodes = sorted({s.node for s in sites})
+    feats = []
+    for m in models:
+        fm = feature_module(m, data[0], nodes)
+        rows = []
+        with torch.no_grad():
+            for x in data:
+                outs = dict(zip(nodes, fm(x)))
+                for s in sites:
+                    v = outs[s.node].double().movedim(s.axis, -1)
+                    if s.kind == "projected":  # attention values: the projection's outputs, then the index
+                        sd = m.state_dict()
+                        v = nn.functional.linear(v, sd[s.weight].double(), sd[s.bias].double() if s.bias else None)
+                    rows.append(v[..., torch.as_tensor(s.index).reshape(-1)].reshape(-1, point.dim))
+        feats.append(torch.cat(rows))
+    return feats
+
+
+def _check(stats, models, data, spec, rtol):
+    checked = 0
+    for name, ps in stats.points.items():
+        xs = _oracle(models, data, spec, spec.point(name))
+        assert ps.n == xs[0].shape[0], name
+        for i, x in enumerate(xs):
+            mu = x.mean(0)
+            torch.testing.assert_close(ps.mean(i), mu, rtol=rtol, atol=rtol * float(mu.abs().max()), msg=name)
+            for j, y in enumerate(xs):
+                if i != j and (i, j) not in ps.cross and (j, i) not in ps.cross:
+                    continue
+                want = (x - mu).T @ (y - y.mean(0)) / x.shape[0]
+                got = ps.cov(i, j)
+                scale = float(want.abs().max())
+                torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * scale, msg=f"{name} cov({i}, {j})")
+                checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("needs", ["reference", "all_pairs"])
+def test_float32_products_match_float64_oracle(needs):
+    models = [Net(s) for s in range(3)]
+    data = _data()
+    spec = autoalign.find_merge_points(models[0], data[0])
+    st = autoalign.collect_stats(models, data, spec, needs=needs)
+    kinds = {name: spec.point(name) for name in st.points}
+    assert len(kinds) >= 3  # c1 / residual stream, down, fc
+    assert _check(st, models, data, spec, rtol=2e-5) >= 3 * len(kinds)
+
+
+def test_mean_dominated_features_need_the_shift():
+    """The ``down`` point's features have mean 50 and spread ~0.05: float32 products of the raw
+    features would give covariances off by far more than the 2e-5 the shifted ones reach."""
+    models = [Net(s) for s in range(2)]
+    data = _data()
+    spec = autoalign.find_merge_points(models[0], data[0])
+    st = autoalign.collect_stats(models, data, spec, points=["down"])
+    (x, y) = _oracle(models, data, spec, spec.point("down"))
+    assert float(x.mean()) > 40 and float(x.std(0).max()) < 0.5
+    want = (x - x.mean(0)).T @ (x - x.mean(0)) / x.shape[0]
+    got = st["down"].cov(0)
+    assert float((got - want).abs().max()) <= 2e-5 * float(want.abs().max())
+    # what an unshifted float32 product gives (a floor on the error the shift avoids)
+    x32 = x.float()
+    raw = (x32.T @ x32).double() / x.shape[0] - torch.outer(x.mean(0), x.mean(0))
+    assert float((raw - want).abs().max()) > 100 * float((got - want).abs().max())
+
+
+def test_chunking_does_not_change_the_moments(monkeypatch):
+    models = [Net(s) for s in range(2)]
+    data = _data()
+    spec = autoalign.find_merge_points(models[0], data[0])
+    whole = autoalign.collect_stats(models, data, spec)
+    monkeypatch.setattr(stats_mod, "_CHUNK", 100)  # a few samples per chunk
+    chunked = autoalign.collect_stats(models, data, spec)
+    for name, ps in whole.points.items():
+        assert chunked[name].n == ps.n
+        torch.testing.assert_close(chunked[name].cov(0, 1), ps.cov(0, 1), rtol=1e-5, atol=1e-5 * float(ps.cov(0, 1).abs().max()))
+    assert _check(chunked, models, data, spec, rtol=2e-5) > 0
+
+
+def test_float64_models_and_precision_float64_are_exact():
+    # 1e-8, not 1e-12: the moments are returned raw, and cov = Q/n − μμᵀ of the mean-dominated
+    # `down` features ((mean / spread)² ~ 1e6) cancels that much even in float64
+    models64 = [Net(s).double() for s in range(2)]
+    data64 = _data(torch.float64)
+    spec = autoalign.find_merge_points(models64[0], data64[0])
+    assert _check(autoalign.collect_stats(models64, data64, spec), models64, data64, spec, rtol=1e-8) > 0
+    models32 = [Net(s) for s in range(2)]
+    data32 = _data()
+    forced = autoalign.collect_stats(models32, data32, spec, precision="float64")
+    assert _check(forced, models32, data32, spec, rtol=1e-8) > 0
+
+
+def test_bad_precision_is_an_option_error():
+    models = [Net(s) for s in range(2)]
+    data = _data()
+    spec = autoalign.find_merge_points(models[0], data[0])
+    with pytest.raises(autoalign.OptionError, match="precision"):
+        autoalign.collect_stats(models, data, spec, precision="float16")
+
+
+def test_attention_projected_sites_match_the_oracle():
+    """Attention value heads are observed through the in-projection ("projected" sites) and
+    then indexed per head: both steps must happen before the products."""
+    class Attention(nn.Module):
+        def __init__(self, seed):
+            super().__init__()
+            torch.manual_seed(seed)
+            self.embed = nn.Linear(16, 16)
+            self.attn = nn.MultiheadAttention(16, 2, batch_first=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            x = self.embed(x)
+            return self.fc(torch.relu(x + self.attn(x, x, x, need_weights=False)[0]))
+
+    models = [Attention(s) for s in range(2)]
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(6, 5, 16, generator=g) for _ in range(2)]
+    spec = autoalign.find_merge_points(models[0], data[0])
+    st = autoalign.collect_stats(models, data, spec)
+    projected = [name for name in st.points if any(s.kind == "projected" for s in _sites_for(spec.point(name)))]
+    assert projected  # the value heads
+    assert _check(st, models, data, spec, rtol=2e-5) >= 3 * len(st.points)
