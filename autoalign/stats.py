@@ -253,7 +253,7 @@ def feature_module(
     >>> tuple(fm(torch.randn(5, 3))[0].shape)
     (5, 4)
     """
-    gm = trace(model, example_inputs, **trace_options)
+    gm = trace(model, example_inputs, shapes=False, **trace_options)  # no shapes needed: skip a forward pass
     nodes = {n.name: n for n in gm.graph.nodes}
     missing = [n for n in node_names if n not in nodes]
     if missing:

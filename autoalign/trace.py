@@ -85,6 +85,7 @@ def trace(
     *,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
+    shapes: bool = True,
 ) -> fx.GraphModule:
     """Trace ``model`` in eval mode into an ``fx.GraphModule`` with shapes propagated.
 
@@ -98,6 +99,9 @@ def trace(
         Modules to keep opaque (not traced through), in addition to ``torch.nn``'s.
     autowrap_functions : sequence of callables, optional
         Functions to record as single graph nodes instead of tracing into them.
+    shapes : bool, default True
+        Run the graph once on ``example_inputs`` to record every node's output
+        shape (``False``: skip that forward pass; nodes get no ``tensor_meta``).
 
     Returns
     -------
@@ -135,6 +139,8 @@ def trace(
                 f"or keep the offending function opaque (autowrap_functions=[...])."
             ) from exc
         gm = fx.GraphModule(tracer.root, graph, cls)
+        if not shapes:
+            return gm
         try:
             with torch.no_grad():
                 ShapeProp(gm).propagate(*inputs)

@@ -60,10 +60,22 @@ def _rss() -> int:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def _trim() -> None:
+    """Hand memory the process freed back to the OS (glibc ``malloc_trim``), so the next
+    phase's allocations raise the resident size instead of reusing freed pages."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: peaks may then read low
+        pass
+
+
 class PeakMemory:
     """Context manager: peak memory above the level at entry, in bytes (``.peak``).
 
-    CPU: resident set size sampled every ``interval`` seconds by a thread. CUDA:
+    CPU: resident set size sampled every ``interval`` seconds by a thread, after freed memory is
+    handed back to the OS (``malloc_trim``). CUDA:
     ``torch.cuda.max_memory_allocated``.
     """
 
@@ -79,6 +91,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.base = torch.cuda.memory_allocated()
         else:
+            _trim()
             self.base = _rss()
             self._max = self.base
             self._thread = threading.Thread(target=self._poll, daemon=True)
