@@ -412,7 +412,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(text)
         out = pathlib.Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
-        (out / f"profile_d{args.widths[0]}_n{args.n[0]}_{args.aligners[0]}.txt").write_text(text + "\n")
+        (out / f"profile_d{int(args.widths[0])}_n{args.n[0]}_{args.aligners[0]}.txt").write_text(text + "\n")
         return 0
     from benchmarks.merge_accuracy import machine_line
 
