@@ -1,12 +1,13 @@
 """Streaming feature statistics: one pass over calibration data for all models.
 
 For every merge point with an observable site, and every model ``m``, the pass
-accumulates in float64 on the models' device
+accumulates in float64 on the models' device, about a per-model shift ``c_m``
+(the first chunk's mean; see :class:`PointStats`)
 
 * ``n`` — the number of samples (batch × spatial positions × replicas × sites),
-* ``s_m = Σ x_m`` — shape ``(d,)``,
-* ``Q_mm = Σ x_m x_mᵀ`` — shape ``(d, d)``,
-* ``Q_ij = Σ x_i x_jᵀ`` — only for the model pairs the aligner asks for.
+* ``s_m = Σ (x_m − c_m)`` — shape ``(d,)``,
+* ``Q_mm = Σ (x_m − c_m)(x_m − c_m)ᵀ`` — shape ``(d, d)``,
+* ``Q_ij = Σ (x_i − c_i)(x_j − c_j)ᵀ`` — only for the model pairs the aligner asks for.
 
 The products behind the sums are taken chunk by chunk in float32 (float64 for
 float64 models, or with ``precision="float64"``) on features minus a per-model
@@ -303,7 +304,7 @@ class _Moments:
     a per-model shift (the mean of the first chunk seen), so ``cov = Q/n − μμᵀ``
     does not cancel catastrophically even when a feature's mean dwarfs its
     spread; per-chunk products are added to float64 accumulators.
-    :meth:`raw` turns them into the raw moments :class:`PointStats` holds.
+    :meth:`point_stats` hands them, with the shifts, to :class:`PointStats`.
     """
 
     def __init__(self, n_models: int, d: int, pairs: Sequence[tuple[int, int]], device: torch.device) -> None:
@@ -332,9 +333,8 @@ class _Moments:
                 self.shift = [self._mean(c, channels_first).to(dtype) for c in chunks]
             ys = []
             for m, c in enumerate(chunks):
-                shift = self.shift[m].to(dtype)
                 y = torch.empty(c.shape, dtype=dtype, device=c.device)
-                torch.sub(c, shift[:, None] if channels_first else shift, out=y)
+                torch.sub(c, self.shift[m][:, None] if channels_first else self.shift[m], out=y)
                 y = y if channels_first else y.reshape(-1, self.d)
                 batch_sums[m] += y.sum(dim=(0, 2) if channels_first else 0)  # of shifted features: no cancellation
                 ys.append(y)
@@ -516,9 +516,9 @@ def collect_stats(
             batches += 1
     if _all_reduce_int(batches) == 0:
         raise DataError(NO_BATCH)
-    dev = torch.device(device) if device is not None else _device_of(models[0])
     if _distributed():
         # a process whose shard was empty still takes part in the all-reduce, with zeros
+        dev = torch.device(device) if device is not None else _device_of(models[0])
         for p in wanted:
             moments.setdefault(p.name, _Moments(n_models, p.dim, pairs, dev))
     _all_reduce(moments)
