@@ -32,7 +32,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import DataError, MergeError, NonFiniteError, OptionError
+from .errors import AutoalignError, DataError, MergeError, NonFiniteError, OptionError
 from .validate import NO_BATCH, batch_error
 from .spec import MergePoint, MergeSpec, Site
 from .trace import as_input_tuple, eval_mode, trace
@@ -298,61 +298,128 @@ def _site_view(value: torch.Tensor, site: Site, params: dict[str, torch.Tensor] 
 
 
 class _Moments:
-    """Shifted moments of one merge point, accumulated chunk by chunk.
+    """Shifted moments of one merge point, accumulated one model at a time.
 
     Products are taken in float32 (float64 for float64 models) on features minus
     a per-model shift (the mean of the first chunk seen), so ``cov = Q/n − μμᵀ``
     does not cancel catastrophically even when a feature's mean dwarfs its
     spread; per-chunk products are added to float64 accumulators.
     :meth:`point_stats` hands them, with the shifts, to :class:`PointStats`.
+
+    Models are fed one after another (:meth:`add_model`): a model's shifted
+    chunks are kept only while a model processed later still pairs with it,
+    so for all-to-one statistics just the reference's features are held.
     """
 
     def __init__(self, n_models: int, d: int, pairs: Sequence[tuple[int, int]], device: torch.device) -> None:
         z = dict(dtype=torch.float64, device=device)
         self.n = 0
         self.d = d
-        self.shift: list[torch.Tensor] | None = None
+        self.dtype: torch.dtype | None = None
+        self.shift: list[torch.Tensor | None] = [None] * n_models
         self.sums = [torch.zeros(d, **z) for _ in range(n_models)]
         self.squares = [torch.zeros(d, d, **z) for _ in range(n_models)]
         self.cross = {pair: torch.zeros(d, d, **z) for pair in pairs}
 
-    def add(self, xs: Sequence[torch.Tensor], channels_first: bool, dtype: torch.dtype | None = None) -> list[torch.Tensor]:
-        """Add one site's features of every model (same shapes), products in ``dtype``
-        (default: float64 for float64 features, else float32); returns each model's shifted sum."""
-        width = xs[0].shape[1] if channels_first else xs[0].shape[-1]
-        if width != self.d:
-            raise MergeError(f"a site gives {width} features where its merge point has {self.d}; is the spec stale?")
-        if dtype is None:
-            dtype = torch.float64 if xs[0].dtype == torch.float64 else torch.float32
-        per = max(1, xs[0][0].numel()) if xs[0].dim() > 1 else 1
+    def add_model(
+        self,
+        m: int,
+        x: torch.Tensor,
+        channels_first: bool,
+        *,
+        partners: dict[int, list[torch.Tensor]] | None = None,
+        count: bool = False,
+        keep: bool = False,
+        dtype: torch.dtype | None = None,
+    ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+        """Add one site's features of model ``m``.
+
+        Parameters
+        ----------
+        m : int
+            The model.
+        x : Tensor
+            ``(samples, d, positions)`` when ``channels_first``, else ``(…, d)``.
+        partners : dict of int to list of Tensor, optional
+            Shifted chunks of models fed earlier (as returned with ``keep``),
+            whose cross products with ``m`` are wanted.
+        count : bool
+            Count these samples in ``n`` (exactly one model per site does).
+        keep : bool
+            Return the shifted chunks, for later models' cross products.
+        dtype : torch.dtype, optional
+            Product precision; by default fixed by the first features seen
+            (float64 for float64 features, else float32).
+
+        Returns
+        -------
+        (Tensor (d,), list of Tensor or None)
+            The shifted sum of these features, and the kept chunks.
+        """
+        d = self.d
+        width = x.shape[1] if channels_first else x.shape[-1]
+        if width != d:
+            raise MergeError(f"a site gives {width} features where its merge point has {d}; is the spec stale?")
+        if self.dtype is None:
+            self.dtype = dtype or (torch.float64 if x.dtype == torch.float64 else torch.float32)
+        dtype = self.dtype
+        per = max(1, x[0].numel()) if x.dim() > 1 else 1
         step = max(1, _CHUNK // per)
-        batch_sums = [torch.zeros(self.d, dtype=torch.float64, device=xs[0].device) for _ in xs]
-        for lo in range(0, xs[0].shape[0], step):
-            chunks = [x[lo : lo + step] for x in xs]
-            if self.shift is None:
-                self.shift = [self._mean(c, channels_first).to(dtype) for c in chunks]
-            ys = []
-            for m, c in enumerate(chunks):
-                y = torch.empty(c.shape, dtype=dtype, device=c.device)
-                torch.sub(c, self.shift[m][:, None] if channels_first else self.shift[m], out=y)
-                y = y if channels_first else y.reshape(-1, self.d)
-                batch_sums[m] += y.sum(dim=(0, 2) if channels_first else 0)  # of shifted features: no cancellation
-                ys.append(y)
-            for m, y in enumerate(ys):
+        total = torch.zeros(d, dtype=torch.float64, device=x.device)
+        partners = partners or {}
+        kept: list[torch.Tensor] | None = [] if keep else None
+        for ci, lo in enumerate(range(0, x.shape[0], step)):
+            c = x[lo : lo + step]
+            shift = self.shift[m]
+            if shift is None:
+                shift = self.shift[m] = self._mean(c, channels_first).to(dtype)
+            # A kept chunk lives in the first half of a buffer twice as wide (channels 0..d of
+            # (samples, 2d, positions), or columns 0..d of (rows, 2d)); a later model writes its own
+            # chunk into the second half, so one product gives its cross block and its square.
+            stacked = None if keep or not partners else next(iter(partners))
+            if stacked is not None:
+                buf = partners[stacked][ci]
+            else:
+                shape = list(c.shape)
+                shape[1 if channels_first else -1] = 2 * d if keep else d
+                buf = torch.empty(shape, dtype=dtype, device=c.device)
+            half = slice(d, 2 * d) if stacked is not None else slice(0, d)
+            y = buf[:, half] if channels_first else buf[..., half]
+            torch.sub(c, shift[:, None] if channels_first else shift, out=y)
+            if not channels_first:
+                buf = buf.reshape(-1, buf.shape[-1])
+                y = buf[:, half]
+            total += y.sum(dim=(0, 2) if channels_first else 0)  # of shifted features: no cancellation
+            if stacked is not None:
+                both = self._gram(buf, y, channels_first)  # (2d, d): [Σ y_k y_mᵀ; Σ y_m y_mᵀ]
+                self._add_cross(stacked, m, both[:d])
+                self.squares[m].add_(both[d:])
+            else:
                 self.squares[m].add_(self._gram(y, y, channels_first))
-            for (i, j), acc in self.cross.items():
-                acc.add_(self._gram(ys[i], ys[j], channels_first))
-            y0 = ys[0]
-            self.n += y0.shape[0] * y0.shape[2] if channels_first else y0.shape[0]
-        for m, s in enumerate(batch_sums):
-            self.sums[m] += s
-        return batch_sums
+            for k, chunks in partners.items():
+                if k != stacked:
+                    other = chunks[ci][:, :d] if channels_first else chunks[ci].reshape(-1, 2 * d)[:, :d]
+                    self._add_cross(k, m, self._gram(other, y, channels_first))
+            if count:
+                self.n += y.shape[0] * y.shape[2] if channels_first else y.shape[0]
+            if kept is not None:
+                kept.append(buf if channels_first else buf.reshape(c.shape[:-1] + (2 * d,)))
+        self.sums[m] += total
+        return total, kept
+
+    def _add_cross(self, k: int, m: int, q: torch.Tensor) -> None:
+        """Add ``q = Σ y_k y_mᵀ`` to the cross block of the pair (k, m), whichever way round it is stored."""
+        if (k, m) in self.cross:
+            self.cross[(k, m)].add_(q)
+        else:
+            self.cross[(m, k)].add_(q.T)
 
     @staticmethod
     def _mean(c: torch.Tensor, channels_first: bool) -> torch.Tensor:
+        """The chunk's mean (a shift only needs to be near the mean: computed in the features' dtype)."""
         if channels_first:
-            return c.mean(dim=(0, 2), dtype=torch.float64)
-        return c.reshape(-1, c.shape[-1]).mean(0, dtype=torch.float64)
+            return c.mean(dim=(0, 2))
+        return c.reshape(-1, c.shape[-1]).mean(0)
 
     @staticmethod
     def _gram(a: torch.Tensor, b: torch.Tensor, channels_first: bool) -> torch.Tensor:
@@ -362,10 +429,8 @@ class _Moments:
         return a.T @ b
 
     def shifts(self) -> list[torch.Tensor]:
-        """The shifts in float64 (zeros before any data)."""
-        if self.shift is None:
-            return [torch.zeros_like(s) for s in self.sums]
-        return [c.to(torch.float64) for c in self.shift]
+        """The shifts in float64 (zeros for a model not fed yet)."""
+        return [torch.zeros_like(s) if c is None else c.to(torch.float64) for s, c in zip(self.sums, self.shift)]
 
     def recentre(self, new: Sequence[torch.Tensor]) -> None:
         """Express the moments about the shifts ``new`` (float64, one (d,) per model) instead."""
@@ -384,6 +449,54 @@ class _Moments:
 
     def point_stats(self) -> "PointStats":
         return PointStats(self.n, self.sums, self.squares, self.cross, self.shifts())
+
+
+class _Tap(nn.Module):
+    """Hands a node's value to ``sink.fn(node, value)`` as the forward reaches it; returns nothing,
+    so the traced module frees the value after its last real use."""
+
+    def __init__(self, node: str, sink: "_Sink") -> None:
+        super().__init__()
+        self.node = node
+        self.sink = sink
+
+    def forward(self, value: Any) -> None:
+        self.sink.fn(self.node, value)
+
+
+class _Sink:
+    fn: Callable[[str, Any], None]
+
+
+def _tapped_module(
+    model: nn.Module, example_inputs: Any, node_names: Sequence[str], sink: _Sink, **trace_options: Any
+) -> fx.GraphModule:
+    """A traced copy of ``model`` that calls ``sink.fn(name, value)`` right after each named node
+    runs and computes nothing past the last of them."""
+    gm = trace(model, example_inputs, shapes=False, **trace_options)
+    nodes = {n.name: n for n in gm.graph.nodes}
+    missing = [n for n in node_names if n not in nodes]
+    if missing:
+        raise MergeError(f"nodes {missing[:3]} of the merge spec are not in the traced model; was the spec made for this architecture?")
+    taps = []
+    for i, name in enumerate(node_names):
+        gm.add_submodule(f"_autoalign_tap_{i}", _Tap(name, sink))
+        with gm.graph.inserting_after(nodes[name]):
+            taps.append(gm.graph.call_module(f"_autoalign_tap_{i}", (nodes[name],)))
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    out.args = (tuple(taps),)
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
+def _feed_order(n_models: int, reference: int, pairs: Sequence[tuple[int, int]]) -> tuple[list[int], set[int]]:
+    """The order models are run in (the reference first) and the models whose features must be
+    kept for a model run after them."""
+    order = [reference] + [m for m in range(n_models) if m != reference] if 0 <= reference < n_models else list(range(n_models))
+    rank = {m: r for r, m in enumerate(order)}
+    keep = {min(i, j, key=rank.__getitem__) for i, j in pairs}
+    return order, keep
 
 
 def collect_stats(
@@ -467,6 +580,41 @@ def collect_stats(
     batches = 0
     feats_mods: list[fx.GraphModule] = []
     params: list[dict[str, torch.Tensor]] = []
+    order, keepers = _feed_order(n_models, reference, pairs)
+    first = order[0]
+    partners_of = {m: [k for k in order[: order.index(m)] if (k, m) in pairs or (m, k) in pairs] for m in order}
+    # node -> the (point, site number, site) it feeds; a node may feed several sites
+    taps: dict[str, list[tuple[MergePoint, int, Site]]] = {}
+    for p in wanted:
+        for si, s in enumerate(site_lists[p.name]):
+            taps.setdefault(s.node, []).append((p, si, s))
+    sink = _Sink()
+    state: dict[str, Any] = {}  # the model being run, and the features kept from earlier models this batch
+    kept: dict[tuple[str, int], dict[int, list[torch.Tensor]]] = {}
+
+    def observe(node: str, value: torch.Tensor) -> None:
+        m = state["model"]
+        for p, si, s in taps[node]:
+            x, channels_first = _site_view(value, s, params[m])
+            mom = moments.get(p.name)
+            if mom is None:
+                mom = moments[p.name] = _Moments(n_models, p.dim, pairs, x.device)
+            held = kept.setdefault((p.name, si), {})
+            total, chunks = mom.add_model(
+                m, x, channels_first, partners={k: held[k] for k in partners_of[m]},
+                count=m == first, keep=m in keepers, dtype=product_dtype,
+            )
+            if chunks is not None:
+                held[m] = chunks
+            # NaN/Inf in any feature reaches the sum (Inf − Inf gives NaN): one cheap check
+            if not bool(torch.isfinite(total).all()):
+                raise NonFiniteError(
+                    f"model {m} has NaN/Inf features at merge point {p.name!r} (node {s.node!r}) on "
+                    f"calibration batch {state['batch']}; check the data for NaN/Inf and the model for overflow "
+                    "(e.g. float16 activations: compute in float32)"
+                )
+
+    sink.fn = observe
 
     it: Iterable[Any] = data
     if progress:
@@ -488,31 +636,21 @@ def collect_stats(
             inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs)
             if not feats_mods:
                 ex = example_inputs if example_inputs is not None else inputs
-                feats_mods = [feature_module(m, ex, node_names, **(trace_options or {})) for m in models]
+                feats_mods = [_tapped_module(m, ex, node_names, sink, **(trace_options or {})) for m in models]
             if not params:
                 params = [dict(m.state_dict()) for m in models]
-            outs = []
-            for m, fm in enumerate(feats_mods):
+            state["batch"] = batches
+            # one model at a time: its products are taken as each site is computed, and only the
+            # features a later model pairs with (the reference's, for all-to-one) are kept
+            for m in order:
+                state["model"] = m
                 try:
-                    vals = fm(*inputs)
+                    feats_mods[m](*inputs)
+                except AutoalignError:
+                    raise
                 except Exception as exc:  # noqa: BLE001 - re-raised naming the batch
                     raise DataError(batch_error(models[m], inputs, batches, exc, who=f"model {m}")) from exc
-                outs.append(dict(zip(node_names, vals)))
-            for p in wanted:
-                sites = site_lists[p.name]
-                if p.name not in moments:
-                    moments[p.name] = _Moments(n_models, p.dim, pairs, outs[0][sites[0].node].device)
-                for s in sites:
-                    views = [_site_view(outs[m][s.node], s, params[m]) for m in range(n_models)]
-                    batch_sums = moments[p.name].add([v for v, _ in views], views[0][1], product_dtype)
-                    for m, total in enumerate(batch_sums):
-                        # NaN/Inf in any feature reaches the sum (Inf − Inf gives NaN): one cheap check
-                        if not bool(torch.isfinite(total).all()):
-                            raise NonFiniteError(
-                                f"model {m} has NaN/Inf features at merge point {p.name!r} (node {s.node!r}) on "
-                                f"calibration batch {batches}; check the data for NaN/Inf and the model for overflow "
-                                "(e.g. float16 activations: compute in float32)"
-                            )
+            kept.clear()
             batches += 1
     if _all_reduce_int(batches) == 0:
         raise DataError(NO_BATCH)
@@ -524,7 +662,8 @@ def collect_stats(
     _all_reduce(moments)
     out = {}
     short = []
-    for name, mom in moments.items():
+    for name in (p.name for p in wanted if p.name in moments):  # in spec order
+        mom = moments[name]
         n = mom.n
         if n < spec.point(name).dim:
             short.append((n / spec.point(name).dim, name, n, spec.point(name).dim))

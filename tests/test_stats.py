@@ -86,12 +86,17 @@ def _check(stats, models, data, spec, rtol):
     return checked
 
 
-@pytest.mark.parametrize("needs", ["reference", "all_pairs"])
-def test_float32_products_match_float64_oracle(needs):
+@pytest.mark.parametrize("needs,reference", [("reference", 0), ("reference", 2), ("all_pairs", 0), ("all_pairs", 1), ("self", 1)])
+def test_float32_products_match_float64_oracle(needs, reference):
+    """Models are fed one at a time, the reference first; a later model's chunk shares a buffer
+    with an earlier one's (one product gives its square and a cross block), other pairs are
+    separate products: every way round must give the oracle's blocks."""
     models = [Net(s) for s in range(3)]
     data = _data()
     spec = autoalign.find_merge_points(models[0], data[0])
-    st = autoalign.collect_stats(models, data, spec, needs=needs)
+    st = autoalign.collect_stats(models, data, spec, needs=needs, reference=reference)
+    assert st.pairs == autoalign.stats.pairs_for(needs, 3, reference)
+    assert all(set(ps.cross) == set(st.pairs) for ps in st.points.values())
     kinds = {name: spec.point(name) for name in st.points}
     assert len(kinds) >= 3  # c1 / residual stream, down, fc
     assert _check(st, models, data, spec, rtol=2e-5) >= 3 * len(kinds)
@@ -115,16 +120,19 @@ def test_mean_dominated_features_need_the_shift():
     assert float((raw - want).abs().max()) > 100 * float((got - want).abs().max())
 
 
-def test_chunking_does_not_change_the_moments(monkeypatch):
-    models = [Net(s) for s in range(2)]
+@pytest.mark.parametrize("needs", ["reference", "all_pairs"])
+def test_chunking_does_not_change_the_moments(monkeypatch, needs):
+    models = [Net(s) for s in range(3)]
     data = _data()
     spec = autoalign.find_merge_points(models[0], data[0])
-    whole = autoalign.collect_stats(models, data, spec)
-    monkeypatch.setattr(stats_mod, "_CHUNK", 100)  # a few samples per chunk
-    chunked = autoalign.collect_stats(models, data, spec)
+    whole = autoalign.collect_stats(models, data, spec, needs=needs, reference=1)
+    monkeypatch.setattr(stats_mod, "_CHUNK", 300)  # a few samples per chunk, the last one short
+    chunked = autoalign.collect_stats(models, data, spec, needs=needs, reference=1)
     for name, ps in whole.points.items():
         assert chunked[name].n == ps.n
-        torch.testing.assert_close(chunked[name].cov(0, 1), ps.cov(0, 1), rtol=1e-5, atol=1e-5 * float(ps.cov(0, 1).abs().max()))
+        for i, j in ps.cross:
+            want = ps.cov(i, j)
+            torch.testing.assert_close(chunked[name].cov(i, j), want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     assert _check(chunked, models, data, spec, rtol=2e-5) > 0
 
 
