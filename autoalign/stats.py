@@ -16,9 +16,19 @@ products on CPU, with relative error ~1e-7 · √(samples per chunk) — far bel
 what CCA's default ridge tolerates; exact-recovery work at ``ridge=0`` on
 ill-conditioned features wants float64.
 
+Per batch the models run one after another (the reference first) through
+traced copies with a tap after every site node: a site's products are taken as
+soon as the forward pass computes it, and only the features a later model
+pairs with are kept until the batch is done — the reference's alone for
+all-to-one aligners (in buffers twice as wide: a later model's chunk is
+written next to it, so one product gives that model's square and cross
+block). Feature memory is thus the reference's features plus one forward
+pass's working set, whatever N; the statistics themselves are ``O(N d²)`` per
+point for all-to-one aligners (``O(N² d²)`` for all pairs).
+
 These sums are sufficient statistics: under ``torch.distributed`` each process
 feeds its shard and the sums are all-reduced, so every process solves the same
-plan. Memory is ``O(N d²)`` per point for all-to-one aligners.
+plan.
 """
 
 from __future__ import annotations

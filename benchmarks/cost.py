@@ -417,8 +417,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from benchmarks.merge_accuracy import machine_line
 
     rows = run_all(args)
+    # glibc's malloc settings change the result: with its defaults, large tensors get fresh pages
+    # (page faults) from batch to batch; the command records any MALLOC_* variables it ran under
+    malloc_env = " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_"))
     result = {
-        "command": "python benchmarks/cost.py " + " ".join(sys.argv[1:] if argv is None else argv),
+        "command": (malloc_env + " " if malloc_env else "") + "python benchmarks/cost.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
         "date": time.strftime("%Y-%m-%d %H:%M %Z"),
         "machine": machine_line(args.device, args.threads),
         "torch": torch.__version__,
