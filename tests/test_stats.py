@@ -180,3 +180,25 @@ def test_attention_projected_sites_match_the_oracle():
     projected = [name for name in st.points if any(s.kind == "projected" for s in _sites_for(spec.point(name)))]
     assert projected  # the value heads
     assert _check(st, models, data, spec, rtol=2e-5) >= 3 * len(st.points)
+
+
+@pytest.mark.parametrize("needs,reference,kept", [("reference", 2, {2}), ("self", 0, set()), ("all_pairs", 1, {1, 0, 2})])
+def test_only_features_a_later_model_pairs_with_are_kept(monkeypatch, needs, reference, kept):
+    """Feature memory must not grow with N for all-to-one aligners: models run one at a time, the
+    reference first, and only the reference's chunks outlive its own forward pass."""
+    calls = []
+    original = stats_mod._Moments.add_model
+
+    def spy(self, m, x, channels_first, **kw):
+        calls.append((m, kw["keep"], kw["count"]))
+        return original(self, m, x, channels_first, **kw)
+
+    monkeypatch.setattr(stats_mod._Moments, "add_model", spy)
+    models = [Net(s) for s in range(4)]
+    data = _data()
+    spec = autoalign.find_merge_points(models[0], data[0])
+    st = autoalign.collect_stats(models, data, spec, needs=needs, reference=reference)
+    assert {m for m, keep, _ in calls if keep} == (kept - {3})  # the last model fed is never kept
+    assert {m for m, _, count in calls if count} == {reference}  # samples counted once, by the first model fed
+    assert calls[0][0] == reference
+    assert st.n_models == 4
