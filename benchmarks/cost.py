@@ -19,6 +19,15 @@ phase, sampled every millisecond from ``/proc/self/statm`` by a helper thread
 ``resource.getrusage`` only gives a process-lifetime maximum). On CUDA it is
 ``torch.cuda.max_memory_allocated()`` above the level before the phase.
 
+Minor page faults (``getrusage``) are counted for each floor run and each whole
+merge run (columns "floor faults k" and "merge faults k", thousands per run). On
+CPU they tell the allocator's part of a time: with glibc's default settings,
+tensors of tens of MiB are served by fresh ``mmap``\ s or trimmed heap, so every
+touch of a new 4 KiB page faults (about 3 µs each here), and how often that
+happens depends on what the process allocated before. Setting
+``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` (recorded in the
+command when set) makes glibc keep freed memory, for both sides alike.
+
 Example (the "Cost" section of docs/results.md)::
 
     nice -n 19 python benchmarks/cost.py --widths 128 256 512 1024 --n 2 4 8 \\
@@ -112,6 +121,23 @@ class PeakMemory:
             self._thread.join()
             self._max = max(self._max, _rss())
             self.peak = self._max - self.base
+
+
+def _minor_faults() -> int | None:
+    """Minor page faults of this process so far (``getrusage``), or None where unavailable."""
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_minflt)
+    except (ImportError, OSError):
+        return None
+
+
+def _faults_during(fn: Callable[[], Any]) -> tuple[Any, int | None]:
+    before = _minor_faults()
+    out = fn()
+    after = _minor_faults()
+    return out, None if before is None or after is None else after - before
 
 
 def _sync(device: str) -> None:
@@ -209,10 +235,14 @@ def measure(
     timings: dict[str, float] = {}
     floors: list[float] = []
     stats_runs: list[float] = []
+    floor_faults: list[int | None] = []
+    merge_faults: list[int | None] = []
     for _ in range(repeats):
-        sec, _ = _best_of(1, lambda: forward_floor(models, data), device)
+        (sec, _), faults = _faults_during(lambda: _best_of(1, lambda: forward_floor(models, data), device))
         floors.append(sec)
-        res = autoalign.merge_with_report(models, data, aligner=aligner, repair=None, spec=spec)
+        floor_faults.append(faults)
+        res, faults = _faults_during(lambda: autoalign.merge_with_report(models, data, aligner=aligner, repair=None, spec=spec))
+        merge_faults.append(faults)
         for k, v in res.report.timings.items():
             timings[k] = min(timings.get(k, float("inf")), float(v))
         stats_runs.append(float(res.report.timings.get("statistics", float("nan"))))
@@ -232,6 +262,10 @@ def measure(
         "floor_seconds": floor,
         "floor_runs": floors,
         "statistics_runs": stats_runs,
+        # minor page faults (getrusage) during each floor run and each whole merge run: on CPU,
+        # touching memory the allocator got fresh from the OS costs one per 4 KiB page
+        "floor_minor_faults": floor_faults,
+        "merge_minor_faults": merge_faults,
         "stats_over_floor": timings.get("statistics", float("nan")) / floor if floor > 0 else float("nan"),
         "stats_peak_bytes": int(mem_stats.peak),
         "merge_peak_bytes": int(mem_merge.peak),
@@ -304,7 +338,8 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
                 print(
                     f"{aligner:12s} d={width:g} N={n:2d} stats={t.get('statistics', 0):7.3f}s floor={row['floor_seconds']:7.3f}s "
                     f"ratio={row['stats_over_floor']:5.2f} solve={t.get('solve', 0):7.3f}s apply={t.get('apply', 0):6.3f}s "
-                    f"stats_mem={row['stats_peak_bytes'] / 2**20:7.1f}MiB merge_mem={row['merge_peak_bytes'] / 2**20:7.1f}MiB",
+                    f"stats_mem={row['stats_peak_bytes'] / 2**20:7.1f}MiB merge_mem={row['merge_peak_bytes'] / 2**20:7.1f}MiB "
+                    f"faults k floor={_kilo(row.get('floor_minor_faults'))} merge={_kilo(row.get('merge_minor_faults'))}",
                     flush=True,
                 )
                 rows.append(row)
@@ -313,6 +348,13 @@ def run_all(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def _mib(b: float) -> str:
     return f"{b / 2**20:.1f}"
+
+
+def _kilo(runs: Sequence[int | None] | None) -> str:
+    """Page faults of each run in thousands, e.g. ``0/131/393`` ("–" where not recorded)."""
+    if not runs or any(r is None for r in runs):
+        return "–"
+    return "/".join(f"{r / 1000:.0f}" for r in runs)
 
 
 def to_markdown(result: dict[str, Any]) -> str:
@@ -325,15 +367,16 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"inputs in batches of {result['batch']}; times are the best of {result['repeats']} runs; repair off.",
         "",
         "| aligner | d | N | statistics s | forward floor s | stats / floor | solve s | apply s "
-        "| stats peak MiB | stats held MiB | merge peak MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| stats peak MiB | stats held MiB | merge peak MiB | floor faults k | merge faults k |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
         t = r["timings"]
         lines.append(
             f"| {r['aligner']} | {r['width']:g} | {r['n']} | {t.get('statistics', 0):.3f} | {r['floor_seconds']:.3f} "
             f"| {r['stats_over_floor']:.2f} | {t.get('solve', 0):.3f} | {t.get('apply', 0):.3f} "
-            f"| {_mib(r['stats_peak_bytes'])} | {_mib(r['stats_result_bytes'])} | {_mib(r['merge_peak_bytes'])} |"
+            f"| {_mib(r['stats_peak_bytes'])} | {_mib(r['stats_result_bytes'])} | {_mib(r['merge_peak_bytes'])} "
+            f"| {_kilo(r.get('floor_minor_faults'))} | {_kilo(r.get('merge_minor_faults'))} |"
         )
     return "\n".join(lines) + "\n"
 

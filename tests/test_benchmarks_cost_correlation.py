@@ -40,10 +40,14 @@ def test_cost_measure_tiny_mlp(tmp_path: pathlib.Path) -> None:
     assert row["stats_blocks"] == 2 * 3
     assert row["stats_result_bytes"] >= 2 * 3 * 16 * 16 * 8
     assert row["stats_peak_bytes"] >= 0 and row["merge_peak_bytes"] >= 0
+    assert len(row["floor_minor_faults"]) == len(row["merge_minor_faults"]) == 1
+    assert all(isinstance(f, int) and f >= 0 for f in row["floor_minor_faults"] + row["merge_minor_faults"])
     result = {"command": "x", "machine": "m", "torch": torch.__version__, "date": "d", "samples": 64, "batch": 32,
               "in_features": 8, "repeats": 1, "rows": [row]}
     md = cost.to_markdown(result)
     assert "| cca | 16 | 2 |" in md
+    header, rule, line = md.strip().splitlines()[-3:]
+    assert header.count("|") == rule.count("|") == line.count("|")  # fault columns in header and rows
     cost.plot(result, tmp_path / "cost.png")
     assert (tmp_path / "cost.png").stat().st_size > 0
 
