@@ -17,7 +17,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import correlation, cost, merge_accuracy  # noqa: E402
+from benchmarks import correlation, cost, merge_accuracy, page_faults  # noqa: E402
 from benchmarks.models import MLP  # noqa: E402
 from benchmarks.train import make_config, subset_indices, train_models  # noqa: E402
 
@@ -58,6 +58,14 @@ def test_peak_memory_sees_a_tensor_allocation() -> None:
         float(t.sum())
     del t
     assert mem.peak > 32 * 2**20
+
+
+def test_page_faults_sequence_tiny_mlp(capsys: pytest.CaptureFixture[str]) -> None:
+    rows = page_faults.run("mlp", 8, 2, samples=32, batch=16, in_features=6)
+    assert [name for name, _, _ in rows] == list(page_faults.SEQUENCE)
+    assert all(sec > 0 and isinstance(f, int) and f >= 0 for _, sec, f in rows)
+    assert page_faults.main(["--model", "mlp", "--width", "8", "--n", "2", "--samples", "16", "--batch", "8"]) == 0
+    assert capsys.readouterr().out.count("faults") == len(page_faults.SEQUENCE)
 
 
 def test_cost_all_pairs_aligner_holds_more_blocks() -> None:
