@@ -24,7 +24,9 @@ all-to-one aligners (in buffers twice as wide: a later model's chunk is
 written next to it, so one product gives that model's square and cross
 block). Feature memory is thus the reference's features plus one forward
 pass's working set, whatever N; the statistics themselves are ``O(N d²)`` per
-point for all-to-one aligners (``O(N² d²)`` for all pairs).
+point for all-to-one aligners (``O(N² d²)`` for all pairs). Conv maps are
+copied feature-major, ``(channels, samples·positions)``, so each chunk's Gram is
+one plain matrix product.
 
 These sums are sufficient statistics: under ``torch.distributed`` each process
 feeds its shard and the sums are all-reduced, so every process solves the same
@@ -279,7 +281,6 @@ def feature_module(
 #: Elements per model in one chunk of features (4 MiB in float32): products are
 #: taken chunk by chunk so the shifted copies stay small and are reused.
 _CHUNK = 1 << 20
-_BLOCK = 64 << 20  # bytes per arena block (see _Arena)
 
 
 def _site_view(value: torch.Tensor, site: Site, params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, bool]:
@@ -340,7 +341,6 @@ class _Moments:
         count: bool = False,
         keep: bool = False,
         dtype: torch.dtype | None = None,
-        storage: "_Arena | None" = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
         """Add one site's features of model ``m``.
 
@@ -360,8 +360,6 @@ class _Moments:
         dtype : torch.dtype, optional
             Product precision; by default fixed by the first features seen
             (float64 for float64 features, else float32).
-        storage : _Arena, optional
-            Where kept chunks are placed (default: fresh tensors).
 
         Returns
         -------
@@ -396,8 +394,6 @@ class _Moments:
             stacked = None if keep or not partners else next(iter(partners))
             if stacked is not None:
                 buf = partners[stacked][ci]
-            elif keep and storage is not None:
-                buf = storage.empty(shape, dtype, c.device)
             else:
                 buf = torch.empty(shape, dtype=dtype, device=c.device)
             half = slice(d, 2 * d) if stacked is not None else slice(0, d)
@@ -471,44 +467,6 @@ class _Moments:
 
     def point_stats(self) -> "PointStats":
         return PointStats(self.n, self.sums, self.squares, self.cross, self.shifts())
-
-
-class _Arena:
-    """Storage for the features kept during one batch, reused batch after batch.
-
-    Kept chunks are carved, in request order, out of blocks of at least
-    ``_BLOCK`` bytes; :meth:`reset` (after each batch) starts carving from the
-    first block again, so from the second batch on no memory is allocated. The
-    point is the operating system, not speed of allocation: freed chunks this
-    large go back to the OS (glibc trims or unmaps them), and touching fresh
-    pages again every batch costs a page fault per 4 KiB — on ResNet20×4 more
-    than the products. Blocks are larger than glibc's largest dynamic mmap
-    threshold (32 MiB), so they are mapped apart from the heap the forward
-    passes use, and freed as a whole when statistics collection ends.
-    """
-
-    def __init__(self) -> None:
-        self.blocks: dict[tuple[torch.dtype, torch.device], list[torch.Tensor]] = {}
-        self.at: dict[tuple[torch.dtype, torch.device], tuple[int, int]] = {}
-
-    def empty(self, shape: Sequence[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-        """An uninitialised tensor of ``shape``, a view into the arena (valid until :meth:`reset`)."""
-        key = (dtype, torch.device(device))
-        numel = int(np.prod(shape))
-        size = -(-numel // 16) * 16  # keep every chunk 64-byte aligned
-        blocks = self.blocks.setdefault(key, [])
-        i, offset = self.at.get(key, (0, 0))
-        while i < len(blocks) and offset + size > blocks[i].numel():
-            i, offset = i + 1, 0
-        if i == len(blocks):
-            itemsize = torch.empty((), dtype=dtype).element_size()
-            blocks.append(torch.empty(max(size, _BLOCK // itemsize), dtype=dtype, device=device))
-        self.at[key] = (i, offset + size)
-        return blocks[i][offset : offset + numel].view(*shape)
-
-    def reset(self) -> None:
-        """Let the next batch reuse the storage from the start."""
-        self.at.clear()
 
 
 class _Tap(nn.Module):
@@ -651,7 +609,6 @@ def collect_stats(
     sink = _Sink()
     state: dict[str, Any] = {}  # the model being run, and the features kept from earlier models this batch
     kept: dict[tuple[str, int], dict[int, list[torch.Tensor]]] = {}
-    arena = _Arena()
 
     def observe(node: str, value: torch.Tensor) -> None:
         m = state["model"]
@@ -663,7 +620,7 @@ def collect_stats(
             held = kept.setdefault((p.name, si), {})
             total, chunks = mom.add_model(
                 m, x, channels_first, partners={k: held[k] for k in partners_of[m]},
-                count=m == first, keep=m in keepers, dtype=product_dtype, storage=arena,
+                count=m == first, keep=m in keepers, dtype=product_dtype,
             )
             if chunks is not None:
                 held[m] = chunks
@@ -712,7 +669,6 @@ def collect_stats(
                 except Exception as exc:  # noqa: BLE001 - re-raised naming the batch
                     raise DataError(batch_error(models[m], inputs, batches, exc, who=f"model {m}")) from exc
             kept.clear()
-            arena.reset()
             batches += 1
     if _all_reduce_int(batches) == 0:
         raise DataError(NO_BATCH)
