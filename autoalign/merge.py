@@ -452,7 +452,7 @@ def merge_with_report(
     if al.needs != "none":
         stats = collect_stats(
             work, data, spec, needs=al.needs, reference=reference, input_fn=fn, num_batches=num_batches,
-            device=device, progress=progress,
+            device=device, progress=progress, self_moments=getattr(al, "self_moments", "full"),
             trace_options={"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions},
         )
     timings["statistics"] = time.perf_counter() - t0
@@ -481,7 +481,7 @@ def merge_with_report(
                         num_batches=num_batches, device=device)
             stats = collect_stats(
                 work + [current], data, spec, needs=al.needs, reference=n, input_fn=fn, num_batches=num_batches,
-                device=device, trace_options={"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions},
+                device=device, self_moments=getattr(al, "self_moments", "full"), trace_options={"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions},
             )
             timings["statistics"] += time.perf_counter() - t0
             t0 = time.perf_counter()

@@ -144,8 +144,10 @@ class PointStats:
         Number of samples.
     sums : list of Tensor, each (d,)
         ``Σ (x_m − c_m)`` per model.
-    squares : list of Tensor, each (d, d)
-        ``Σ (x_m − c_m)(x_m − c_m)ᵀ`` per model.
+    squares : list of Tensor, each (d, d) or (d,)
+        ``Σ (x_m − c_m)(x_m − c_m)ᵀ`` per model, or only its diagonal
+        ``Σ (x_m − c_m)²`` where just variances were collected
+        (``self_moments="diagonal"``, see :func:`collect_stats`).
     cross : dict of (i, j) to Tensor (d, d)
         ``Σ (x_i − c_i)(x_j − c_j)ᵀ`` for the collected pairs ``i < j`` or ``i == reference``.
     shift : list of Tensor, each (d,), optional
@@ -186,6 +188,11 @@ class PointStats:
         """
         if j is None or j == i:
             q = self.squares[i]
+            if q.dim() == 1:
+                raise KeyError(
+                    f"only the variances of model {i} were collected (self_moments='diagonal'), not its covariance; "
+                    "collect statistics with self_moments='full' (an aligner that needs covariances declares it)"
+                )
         elif (i, j) in self.cross:
             q = self.cross[(i, j)]
         elif (j, i) in self.cross:
@@ -195,9 +202,15 @@ class PointStats:
         j = i if j is None else j
         return q / self.n - torch.outer(self.sums[i] / self.n, self.sums[j] / self.n)
 
+    def var(self, m: int) -> torch.Tensor:
+        """Per-feature variance of model ``m``, shape (d,) (available for either kind of ``squares``)."""
+        q = self.squares[m]
+        mu = self.sums[m] / self.n
+        return (q if q.dim() == 1 else torch.diagonal(q)) / self.n - mu * mu
+
     def std(self, m: int) -> torch.Tensor:
         """Per-feature standard deviation of model ``m``, shape (d,)."""
-        return torch.sqrt(torch.clamp(torch.diagonal(self.cov(m)), min=0.0))
+        return torch.sqrt(torch.clamp(self.var(m), min=0.0))
 
     def corr(self, i: int, j: int, floor: float = 1e-6) -> torch.Tensor:
         """Correlation matrix between model ``i``'s and model ``j``'s features, (d, d).
@@ -207,8 +220,8 @@ class PointStats:
         near 0 instead of spurious ±1; dead features get exactly 0.
         """
         c = self.cov(i, j)
-        vi = torch.clamp(torch.diagonal(self.cov(i)), min=0.0)
-        vj = torch.clamp(torch.diagonal(self.cov(j)), min=0.0)
+        vi = torch.clamp(self.var(i), min=0.0)
+        vj = torch.clamp(self.var(j), min=0.0)
         tiny = torch.finfo(torch.float64).tiny
         si = torch.sqrt(vi + floor * vi.mean() + tiny)
         sj = torch.sqrt(vj + floor * vj.mean() + tiny)
@@ -240,8 +253,8 @@ class Stats:
         return self.points.get(name)
 
     def n_blocks(self) -> int:
-        """Number of (d, d) blocks held (``squares`` + ``cross``), summed over points."""
-        return sum(len(p.squares) + len(p.cross) for p in self.points.values())
+        """Number of (d, d) blocks held (full ``squares`` + ``cross``), summed over points."""
+        return sum(sum(q.dim() == 2 for q in p.squares) + len(p.cross) for p in self.points.values())
 
 
 def _sites_for(point: MergePoint) -> list[Site]:
@@ -319,16 +332,21 @@ class _Moments:
     Models are fed one after another (:meth:`add_model`): a model's shifted
     chunks are kept only while a model processed later still pairs with it,
     so for all-to-one statistics just the reference's features are held.
+    With ``diagonal``, each model's own second moments are only its features'
+    sums of squares (``squares[m]`` has shape (d,)): no (d, d) self-product.
     """
 
-    def __init__(self, n_models: int, d: int, pairs: Sequence[tuple[int, int]], device: torch.device) -> None:
+    def __init__(
+        self, n_models: int, d: int, pairs: Sequence[tuple[int, int]], device: torch.device, diagonal: bool = False
+    ) -> None:
         z = dict(dtype=torch.float64, device=device)
         self.n = 0
         self.d = d
+        self.diagonal = diagonal
         self.dtype: torch.dtype | None = None
         self.shift: list[torch.Tensor | None] = [None] * n_models
         self.sums = [torch.zeros(d, **z) for _ in range(n_models)]
-        self.squares = [torch.zeros(d, d, **z) for _ in range(n_models)]
+        self.squares = [torch.zeros(*((d,) if diagonal else (d, d)), **z) for _ in range(n_models)]
         self.cross = {pair: torch.zeros(d, d, **z) for pair in pairs}
 
     def add_model(
@@ -387,11 +405,13 @@ class _Moments:
             # own chunk into the second half, so one product gives its cross block and its square.
             # Conv maps are laid out feature-major, (2d, samples, positions): one plain product over
             # samples × positions, instead of a batch of small per-sample ones.
+            wide = 2 * d if keep and not self.diagonal else d
             if channels_first:
-                src, centre, shape = c.transpose(0, 1), shift[:, None, None], [2 * d if keep else d, c.shape[0], c.shape[2]]
+                src, centre, shape = c.transpose(0, 1), shift[:, None, None], [wide, c.shape[0], c.shape[2]]
             else:
-                src, centre, shape = c, shift, list(c.shape[:-1]) + [2 * d if keep else d]
-            stacked = None if keep or not partners else next(iter(partners))
+                src, centre, shape = c, shift, list(c.shape[:-1]) + [wide]
+            # (only worth it when the square is wanted in full)
+            stacked = None if keep or not partners or self.diagonal else next(iter(partners))
             if stacked is not None:
                 buf = partners[stacked][ci]
             else:
@@ -405,6 +425,8 @@ class _Moments:
                 both = self._gram(rows, y, channels_first)  # (2d, d): [Σ y_k y_mᵀ; Σ y_m y_mᵀ]
                 self._add_cross(stacked, m, both[:d])
                 self.squares[m].add_(both[d:])
+            elif self.diagonal:
+                self.squares[m].add_((y * y).sum(dim=1 if channels_first else 0))
             else:
                 self.squares[m].add_(self._gram(y, y, channels_first))
             for k, chunks in partners.items():
@@ -460,7 +482,10 @@ class _Moments:
             # Σ (x_i − c'_i)(x_j − c'_j)ᵀ with x − c' = (x − c) + δ
             return q + torch.outer(self.sums[i], delta[j]) + torch.outer(delta[i], self.sums[j]) + n * torch.outer(delta[i], delta[j])
 
-        self.squares = [moved(q, m, m) for m, q in enumerate(self.squares)]
+        if self.diagonal:  # Σ (x − c')² = Σ (x − c)² + 2 δ Σ (x − c) + n δ²
+            self.squares = [q + 2.0 * self.sums[m] * delta[m] + n * delta[m] ** 2 for m, q in enumerate(self.squares)]
+        else:
+            self.squares = [moved(q, m, m) for m, q in enumerate(self.squares)]
         self.cross = {(i, j): moved(q, i, j) for (i, j), q in self.cross.items()}
         self.sums = [s + n * dm for s, dm in zip(self.sums, delta)]
         self.shift = [c.clone() for c in new]
@@ -532,6 +557,7 @@ def collect_stats(
     example_inputs: Any = None,
     trace_options: dict[str, Any] | None = None,
     precision: str | None = None,
+    self_moments: str = "full",
 ) -> Stats:
     """One streaming pass over ``data`` accumulating feature statistics for all models.
 
@@ -561,6 +587,13 @@ def collect_stats(
     precision : {None, "float32", "float64"}
         Precision of the per-chunk products (always accumulated in float64).
         Default: float64 for float64 features, float32 otherwise.
+    self_moments : {"full", "diagonal"}, default "full"
+        Each model's own second moments: the (d, d) covariance, or only the
+        variances (``squares[m]`` of shape (d,); ``cov(m)`` then raises, while
+        ``var``, ``std`` and ``corr`` work). ``"diagonal"`` skips the (d, d)
+        self-products, which for all-to-one statistics are about half of the
+        products taken; :func:`autoalign.merge` passes the aligner's
+        ``self_moments``.
 
     Returns
     -------
@@ -585,6 +618,9 @@ def collect_stats(
     if precision not in (None, "float32", "float64"):
         raise OptionError(f"precision must be None, 'float32' or 'float64', not {precision!r}")
     product_dtype = None if precision is None else getattr(torch, precision)
+    if self_moments not in ("full", "diagonal"):
+        raise OptionError(f"self_moments must be 'full' or 'diagonal', not {self_moments!r}")
+    diagonal = self_moments == "diagonal"
     if needs == "none":
         return Stats({}, [], len(models), 0)
     n_models = len(models)
@@ -616,7 +652,7 @@ def collect_stats(
             x, channels_first = _site_view(value, s, params[m])
             mom = moments.get(p.name)
             if mom is None:
-                mom = moments[p.name] = _Moments(n_models, p.dim, pairs, x.device)
+                mom = moments[p.name] = _Moments(n_models, p.dim, pairs, x.device, diagonal)
             held = kept.setdefault((p.name, si), {})
             total, chunks = mom.add_model(
                 m, x, channels_first, partners={k: held[k] for k in partners_of[m]},
@@ -676,7 +712,7 @@ def collect_stats(
         # a process whose shard was empty still takes part in the all-reduce, with zeros
         dev = torch.device(device) if device is not None else _device_of(models[0])
         for p in wanted:
-            moments.setdefault(p.name, _Moments(n_models, p.dim, pairs, dev))
+            moments.setdefault(p.name, _Moments(n_models, p.dim, pairs, dev, diagonal))
     _all_reduce(moments)
     out = {}
     short = []

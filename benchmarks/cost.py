@@ -218,10 +218,10 @@ def measure(
     data = make_data(samples, batch, in_features, device, model)
     forward_floor(models, data[:1])  # warm-up
     spec = autoalign.find_merge_points(models[0], data[0][0])
-    needs = autoalign.get_aligner(aligner).needs
+    al = autoalign.get_aligner(aligner)
 
-    with PeakMemory(device) as mem_stats:
-        stats = autoalign.collect_stats(models, data, spec, needs=needs, reference=0)
+    with PeakMemory(device) as mem_stats:  # the statistics merge() collects for this aligner
+        stats = autoalign.collect_stats(models, data, spec, needs=al.needs, reference=0, self_moments=al.self_moments)
     stats_bytes = 0
     for p in stats.points.values():
         stats_bytes += sum(t.numel() * t.element_size() for t in [*p.sums, *p.squares, *p.cross.values()])
@@ -253,7 +253,8 @@ def measure(
         "width": width,
         "n": n,
         "aligner": aligner,
-        "needs": needs,
+        "needs": al.needs,
+        "self_moments": al.self_moments,
         "samples": samples,
         "batch": batch,
         "device": device,

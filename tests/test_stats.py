@@ -216,3 +216,110 @@ def test_only_features_a_later_model_pairs_with_are_kept(monkeypatch, needs, ref
     assert {m for m, _, count in calls if count} == {reference}  # samples counted once, by the first model fed
     assert calls[0][0] == reference
     assert st.n_models == 4
+
+
+# --------------------------------------------------------------------------- self_moments="diagonal"
+
+
+def _check_diagonal(diag, models, data, spec, rtol):
+    """Variances and cross blocks against the oracle; the (d, d) self-covariances are not held."""
+    checked = 0
+    for name, ps in diag.points.items():
+        xs = _oracle(models, data, spec, spec.point(name))
+        assert ps.n == xs[0].shape[0], name
+        for i, x in enumerate(xs):
+            assert ps.squares[i].shape == (spec.point(name).dim,), name
+            c = x - x.mean(0)
+            want = (c * c).mean(0)
+            torch.testing.assert_close(ps.var(i), want, rtol=rtol, atol=rtol * float(want.max()), msg=f"{name} var({i})")
+            torch.testing.assert_close(ps.std(i), want.sqrt(), rtol=rtol, atol=rtol * float(want.max()) ** 0.5)
+            for (a, b) in ps.cross:
+                if a != i:
+                    continue
+                y = xs[b]
+                want = c.T @ (y - y.mean(0)) / x.shape[0]
+                got = ps.cov(a, b)
+                torch.testing.assert_close(got, want, rtol=rtol, atol=rtol * float(want.abs().max()), msg=f"{name} cov({a}, {b})")
+                checked += 1
+    return checked
+
+
+@pytest.mark.parametrize("needs,reference", [("reference", 0), ("reference", 2), ("all_pairs", 1)])
+@pytest.mark.parametrize("chunk", [None, 300])
+def test_diagonal_self_moments_match_the_oracle(monkeypatch, needs, reference, chunk):
+    """With ``self_moments="diagonal"`` every cross block is still taken (no shared buffer with a
+    square any more), each model keeps only its variances; uneven batches and tiny chunks too."""
+    if chunk is not None:
+        monkeypatch.setattr(stats_mod, "_CHUNK", chunk)
+    models = [Net(s) for s in range(3)]
+    g = torch.Generator().manual_seed(1)
+    data = [torch.randn(b, 3, 8, 8, generator=g) for b in (20, 7, 13)]
+    spec = autoalign.find_merge_points(models[0], data[0])
+    diag = autoalign.collect_stats(models, data, spec, needs=needs, reference=reference, self_moments="diagonal")
+    assert diag.pairs == autoalign.stats.pairs_for(needs, 3, reference)
+    assert all(set(ps.cross) == set(diag.pairs) for ps in diag.points.values())
+    assert diag.n_blocks() == len(diag.points) * len(diag.pairs)  # no (d, d) squares
+    assert _check_diagonal(diag, models, data, spec, rtol=2e-5) >= len(diag.points) * len(diag.pairs)
+    full = autoalign.collect_stats(models, data, spec, needs=needs, reference=reference)
+    for name, ps in diag.points.items():
+        for i in sorted(set(range(3)) - {reference}):
+            torch.testing.assert_close(ps.corr(reference, i), full[name].corr(reference, i), rtol=1e-4, atol=1e-5)
+
+
+def test_diagonal_self_moments_refuse_a_covariance():
+    models = [Net(s) for s in range(2)]
+    data = _data()
+    spec = autoalign.find_merge_points(models[0], data[0])
+    st = autoalign.collect_stats(models, data, spec, self_moments="diagonal")
+    ps = next(iter(st.points.values()))
+    with pytest.raises(KeyError, match="only the variances of model 1.*self_moments='full'"):
+        ps.cov(1)
+    with pytest.raises(autoalign.OptionError, match="self_moments"):
+        autoalign.collect_stats(models, data, spec, self_moments="variances")
+
+
+def test_recentred_diagonal_moments_equal_the_full_ones():
+    """The distributed all-reduce re-centres moments on the global means first: the diagonal
+    formula must agree with the diagonal of the full one."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 50, 3, 6, generator=g, dtype=torch.float64) * 2 + 5  # two models, conv-like (samples, d, positions)
+    moms = {}
+    for diagonal in (False, True):
+        mom = stats_mod._Moments(2, 3, [(0, 1)], torch.device("cpu"), diagonal)
+        chunks = mom.add_model(0, x[0], True, count=True, keep=True)[1]
+        mom.add_model(1, x[1], True, partners={0: chunks})
+        mom.recentre([torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)])
+        moms[diagonal] = mom.point_stats()
+    for m in range(2):
+        torch.testing.assert_close(moms[True].squares[m], torch.diagonal(moms[False].squares[m]), rtol=1e-10, atol=1e-8)
+        torch.testing.assert_close(moms[True].var(m), moms[False].var(m), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(moms[True].cov(0, 1), moms[False].cov(0, 1), rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("aligner", ["permutation", "ot"])
+def test_merge_collects_only_variances_for_correlation_aligners(aligner):
+    """permutation and ot declare ``self_moments="diagonal"``: merge() collects no (d, d)
+    self-covariance for them, and their plans are as good as the plans solved on full statistics
+    (the same objective: ``fc`` has dead features, which tie, so the permutations may differ)."""
+    pytest.importorskip("ot") if aligner == "ot" else None
+    models = [Net(s) for s in range(3)]
+    data = _data()
+    al = autoalign.get_aligner(aligner)
+    assert al.self_moments == "diagonal" and autoalign.get_aligner("cca").self_moments == "full"
+    res = autoalign.merge_with_report(models, data, aligner=aligner, repair=None)
+    assert all(q.dim() == 1 for ps in res.stats.points.values() for q in ps.squares)
+    full = autoalign.collect_stats(models, data, res.spec, needs=al.needs, reference=0)
+    sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+    w = torch.full((3,), 1 / 3, dtype=torch.float64)
+    plan = al.solve(autoalign.AlignProblem(res.spec, sds, 0, w, full))
+    assert set(plan.points) == set(res.plan.points)
+    from autoalign.aligners.ot import activation_cost
+
+    for name, pp in plan.points.items():
+        for m, (a, b) in enumerate(zip(pp.merges, res.plan.points[name].merges)):
+            assert a.shape == b.shape and bool(((b == 0) | (b == 1)).all()), name
+            # the objective each aligner optimises, on the full statistics
+            c = -full[name].corr(0, m) if m else torch.zeros_like(a)
+            if aligner == "ot" and m:
+                c = activation_cost(full[name], 0, m)
+            assert float((a * c).sum()) == pytest.approx(float((b * c).sum()), rel=1e-9, abs=1e-9), (name, m)

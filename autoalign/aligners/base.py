@@ -126,7 +126,10 @@ class Aligner:
 
     Subclasses set ``name`` (the registry name), ``needs`` (which feature
     statistics they use: ``"reference"``, ``"all_pairs"``, ``"self"`` or ``"none"``),
-    take their hyperparameters as keyword arguments of ``__init__`` and implement
+    optionally ``self_moments`` (``"full"``, the default: each model's (d, d)
+    covariance is collected; ``"diagonal"``: only its variances, for aligners
+    that use just ``cov(i, j)``, ``var``, ``std``, ``corr`` and ``mean``, which
+    makes statistics collection cheaper), take their hyperparameters as keyword arguments of ``__init__`` and implement
     :meth:`solve`.
 
     Examples
@@ -142,6 +145,7 @@ class Aligner:
 
     name: ClassVar[str] = ""
     needs: ClassVar[str] = "reference"
+    self_moments: ClassVar[str] = "full"
     description: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:
@@ -229,7 +233,7 @@ class ReferenceAligner(PointwiseAligner):
     def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
         assert stats is not None
         ref = problem.reference
-        if float(torch.trace(stats.cov(ref))) <= 0:
+        if float(stats.var(ref).sum()) <= 0:
             return identity_plan(point.dim, problem.n_models, note="reference features are constant; identity used")
         eye = torch.eye(point.dim, dtype=torch.float64, device=stats.sums[ref].device)
         merges, unmerges, scores, notes = [], [], [], []
@@ -238,7 +242,7 @@ class ReferenceAligner(PointwiseAligner):
                 merges.append(eye)
                 unmerges.append(eye)
                 continue
-            if float(torch.trace(stats.cov(m))) <= 0:
+            if float(stats.var(m).sum()) <= 0:
                 merges.append(eye)
                 unmerges.append(eye)
                 notes.append(f"model {m}: features are constant; identity used")

@@ -77,8 +77,8 @@ def activation_cost(stats: PointStats, i: int, j: int, *, center: bool = False) 
         ``C[a, b] = E[(x_i,a − x_j,b)²]`` (clamped at 0 against round-off).
     """
     cij = stats.cov(i, j).double().cpu()
-    vi = torch.diagonal(stats.cov(i)).double().cpu()
-    vj = torch.diagonal(stats.cov(j)).double().cpu()
+    vi = stats.var(i).double().cpu()
+    vj = stats.var(j).double().cpu()
     if not center:
         mi, mj = stats.mean(i).double().cpu(), stats.mean(j).double().cpu()
         cij = cij + torch.outer(mi, mj)
@@ -180,6 +180,7 @@ class OTAligner(PointwiseAligner):
 
     name = "ot"
     needs = "reference"
+    self_moments = "diagonal"  # activation costs need cross terms and variances only
     description = "OT fusion (Singh & Jaggi 2020): optimal transport on activations (EMD or Sinkhorn), all-to-one"
 
     def __init__(

@@ -34,6 +34,7 @@ class PermutationAligner(ReferenceAligner):
 
     name = "permutation"
     needs = "reference"
+    self_moments = "diagonal"  # correlations need cross terms and variances only
     kind = "permutation"
     description = "activation matching: Hungarian on feature correlations, all-to-one (Git Re-Basin AM)"
 
