@@ -285,12 +285,13 @@ def profile_stats(width: int, n: int, aligner: str = "cca", *, samples: int = 50
     models = make_models(width, n, in_features, device)
     data = make_data(samples, batch, in_features, device)
     spec = autoalign.find_merge_points(models[0], data[0][0])
-    needs = autoalign.get_aligner(aligner).needs
-    autoalign.collect_stats(models, data[:1], spec, needs=needs)  # warm-up
+    al = autoalign.get_aligner(aligner)
+    needs, moments = al.needs, al.self_moments
+    autoalign.collect_stats(models, data[:1], spec, needs=needs, self_moments=moments)  # warm-up
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if str(device).startswith("cuda") else [])
     with profile(activities=acts) as prof:
-        autoalign.collect_stats(models, data, spec, needs=needs)
-    lines = [f"collect_stats, MLP {in_features}-{width}-{width}-10, N={n}, {aligner} ({needs}), "
+        autoalign.collect_stats(models, data, spec, needs=needs, self_moments=moments)
+    lines = [f"collect_stats, MLP {in_features}-{width}-{width}-10, N={n}, {aligner} ({needs}, self_moments={moments}), "
              f"{samples} samples in batches of {batch}:", "",
              prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)]
     g = torch.Generator().manual_seed(0)
