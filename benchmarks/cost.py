@@ -22,7 +22,7 @@ phase, sampled every millisecond from ``/proc/self/statm`` by a helper thread
 Minor page faults (``getrusage``) are counted for each floor run and each whole
 merge run (columns "floor faults k" and "merge faults k", thousands per run). On
 CPU they tell the allocator's part of a time: with glibc's default settings,
-tensors of tens of MiB are served by fresh ``mmap``\ s or trimmed heap, so every
+tensors of tens of MiB are served by fresh ``mmap`` mappings or trimmed heap, so every
 touch of a new 4 KiB page faults (about 3 µs each here), and how often that
 happens depends on what the process allocated before. Setting
 ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` (recorded in the
