@@ -493,7 +493,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     print(f"merging {len(models)} x {arch} with aligner {args.aligner!r} on {args.data} ...", flush=True)
     result = merge_with_report(
         models, data, aligner=args.aligner, reference=reference, repair=repair, scheme=args.scheme,
-        num_batches=args.num_batches, device=args.device, progress=args.progress, **options,
+        num_batches=args.num_batches, device=args.device, progress=args.progress, precision=args.precision, **options,
     )
     report = result.report
     table = report.table()
@@ -656,6 +656,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="checkpoint the others are aligned to, or 'best' (lowest loss on the calibration data)")
     p.add_argument("--num-batches", type=int, default=None, metavar="N", help="use at most N calibration batches per pass (default: all)")
     p.add_argument("--batch-size", type=int, default=64, metavar="B", help="calibration batch size")
+    p.add_argument("--precision", choices=("float32", "float64"), default=None,
+                   help="precision of the feature products behind the statistics (default: the models' own, "
+                        "float32 for float32 models); float64 separates near-tied features at about 2x the cost")
     p.add_argument("--repair", choices=("auto", "reset_bn", "repair", "none"), default="auto",
                    help="after merging: auto re-estimates BatchNorm statistics when the model has BatchNorm; "
                         "repair matches every layer's per-channel mean/std to the aligned models' (REPAIR)")

@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch import nn
 
+import autoalign
 from autoalign.cli import main, parse_option, parse_shape
 from autoalign.spec import MergeSpec
 
@@ -133,15 +134,19 @@ def _make_checkpoints(tmp_path):
     return a, b
 
 
+def _merge_cli(tmp, *extra):
+    """``autoalign merge`` on the two checkpoints of :func:`_make_checkpoints` with extra arguments."""
+    return run_cli(
+        "merge", "--arch", "tinymodels:make_mlp", "--checkpoint", tmp / "a.pt", "--checkpoint", tmp / "b.pt",
+        "--data", f"tensor:{tmp / 'calib.pt'}", *extra, pythonpath=tmp,
+    )
+
+
 def test_merge_end_to_end(tiny_module):
     tmp = tiny_module
     a, b = _make_checkpoints(tmp)
     out = tmp / "merged.pt"
-    proc = run_cli(
-        "merge", "--arch", "tinymodels:make_mlp", "--checkpoint", tmp / "a.pt", "--checkpoint", tmp / "b.pt",
-        "--data", f"tensor:{tmp / 'calib.pt'}", "--aligner", "cca", "--option", "ridge=0.1", "--batch-size", "32",
-        "--out", out, pythonpath=tmp,
-    )
+    proc = _merge_cli(tmp, "--aligner", "cca", "--option", "ridge=0.1", "--batch-size", "32", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "point" in proc.stdout and "timings" in proc.stdout
     saved = torch.load(out, weights_only=True)
@@ -163,6 +168,21 @@ def test_merge_end_to_end(tiny_module):
     # the merge is a real merge: not a copy of either input
     assert not torch.equal(saved["state_dict"]["0.weight"], a.state_dict()["0.weight"])
     assert not torch.equal(saved["state_dict"]["0.weight"], b.state_dict()["0.weight"])
+
+
+def test_merge_precision_reaches_the_statistics(tiny_module):
+    """``--precision float64`` gives the merge that ``merge(..., precision="float64")`` gives."""
+    models = _make_checkpoints(tiny_module)
+    calib = torch.load(tiny_module / "calib.pt", weights_only=True)
+    want = autoalign.merge(list(models), list(calib.split(32)), aligner="cca", precision="float64").state_dict()
+    proc = _merge_cli(tiny_module, "--batch-size", "32", "--precision", "float64", "--out", tiny_module / "m64.pt")
+    assert proc.returncode == 0, proc.stderr
+    got = torch.load(tiny_module / "m64.pt", weights_only=True)["state_dict"]
+    for k, v in want.items():
+        torch.testing.assert_close(got[k], v, rtol=1e-6, atol=1e-6, msg=k)
+    bad = _merge_cli(tiny_module, "--precision", "float16", "--out", tiny_module / "m16.pt")
+    assert bad.returncode != 0 and "--precision" in bad.stderr and "float16" in bad.stderr
+    assert not (tiny_module / "m16.pt").exists()
 
 
 def test_merge_bad_aligner_name(tiny_module):

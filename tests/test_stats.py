@@ -304,3 +304,41 @@ def test_merge_collects_only_variances_for_correlation_aligners(aligner):
             if aligner == "ot" and m:
                 c = activation_cost(full[name], 0, m)
             assert float((a * c).sum()) == pytest.approx(float((b * c).sum()), rel=1e-9, abs=1e-9), (name, m)
+
+
+# --------------------------------------------------------------------------- merge(precision=...)
+
+
+@pytest.mark.parametrize("scheme", ["all_to_one", "iterative", "hierarchical"])
+def test_merge_passes_precision_to_every_statistics_pass(monkeypatch, scheme):
+    import sys
+
+    merge_mod = sys.modules["autoalign.merge"]  # (the package's `merge` attribute is the function)
+    seen = []
+    original = merge_mod.collect_stats
+
+    def spy(*args, **kw):
+        seen.append(kw.get("precision"))
+        return original(*args, **kw)
+
+    monkeypatch.setattr(merge_mod, "collect_stats", spy)
+    models = [Net(s) for s in range(3)]
+    data = _data()
+    res = autoalign.merge_with_report(models, data, aligner="cca", scheme=scheme, repair=None, precision="float64", max_iterations=2)
+    # all_to_one: one pass; iterative: one more per round; hierarchical: one per pair
+    assert len(seen) >= (1 if scheme == "all_to_one" else 2) and set(seen) == {"float64"}
+    if scheme == "all_to_one":
+        want = original(models, data, res.spec, precision="float64")
+        plain = original(models, data, res.spec)
+        for name, ps in want.points.items():
+            assert torch.equal(res.stats[name].cross[(0, 1)], ps.cross[(0, 1)])  # the same pass, bit for bit
+        assert any(not torch.equal(plain[n].cross[(0, 1)], want[n].cross[(0, 1)]) for n in want.points)
+
+
+def test_merge_rejects_a_bad_precision_before_any_work():
+    models = [Net(s) for s in range(2)]
+    before = [{k: v.clone() for k, v in m.state_dict().items()} for m in models]
+    with pytest.raises(autoalign.OptionError, match="precision must be None, 'float32' or 'float64', not 'half'"):
+        autoalign.merge(models, _data(), precision="half")
+    for m, sd in zip(models, before):
+        assert all(torch.equal(v, sd[k]) for k, v in m.state_dict().items())
