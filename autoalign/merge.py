@@ -16,7 +16,7 @@ from .aligners import AlignProblem, Aligner, Plan, PointPlan, get_aligner
 from .aligners.linalg import is_orthogonal, is_permutation, nearest_orthogonal, nearest_permutation
 from .apply import average_state_dicts, folds_needed, transform_state_dict
 from .averaging import AVERAGINGS, average_aligned
-from .errors import DataError, MergeError, OptionError
+from .errors import DataError, MergeError
 from .graph.discover import find_merge_points
 from .validate import NO_BATCH, check_example, check_merged, validate_models, validate_options
 from .repair import (
@@ -28,7 +28,7 @@ from .repair import (
     set_batchnorm_affine,
 )
 from .spec import MergeSpec, kind_rank
-from .stats import Stats, collect_stats, default_input_fn
+from .stats import Stats, collect_stats, default_input_fn, product_dtype_for
 from .trace import as_input_tuple, eval_mode
 
 __all__ = ["merge", "merge_with_report", "MergeResult", "MergeReport", "PointReport"]
@@ -391,8 +391,7 @@ def merge_with_report(
         raise MergeError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if averaging not in AVERAGINGS:
         raise MergeError(f"averaging must be one of {AVERAGINGS}, got {averaging!r}")
-    if precision not in (None, "float32", "float64"):
-        raise OptionError(f"precision must be None, 'float32' or 'float64', not {precision!r}")
+    product_dtype_for(precision)  # a bad value fails here, before any work
     if not isinstance(max_iterations, int) or max_iterations < 1:
         raise MergeError(f"max_iterations must be a positive int, got {max_iterations!r}")
     if iter(data) is data:  # type: ignore[comparison-overlap]
@@ -455,7 +454,7 @@ def merge_with_report(
     if al.needs != "none":
         stats = collect_stats(
             work, data, spec, needs=al.needs, reference=reference, input_fn=fn, num_batches=num_batches,
-            device=device, progress=progress, self_moments=getattr(al, "self_moments", "full"), precision=precision,
+            device=device, progress=progress, self_moments=al.self_moments, precision=precision,
             trace_options={"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions},
         )
     timings["statistics"] = time.perf_counter() - t0
@@ -484,7 +483,8 @@ def merge_with_report(
                         num_batches=num_batches, device=device)
             stats = collect_stats(
                 work + [current], data, spec, needs=al.needs, reference=n, input_fn=fn, num_batches=num_batches,
-                device=device, self_moments=getattr(al, "self_moments", "full"), precision=precision, trace_options={"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions},
+                device=device, self_moments=al.self_moments, precision=precision,
+                trace_options={"leaf_modules": leaf_modules, "autowrap_functions": autowrap_functions},
             )
             timings["statistics"] += time.perf_counter() - t0
             t0 = time.perf_counter()

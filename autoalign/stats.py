@@ -542,6 +542,29 @@ def _feed_order(n_models: int, reference: int, pairs: Sequence[tuple[int, int]])
     return order, keep
 
 
+def product_dtype_for(precision: str | None) -> torch.dtype | None:
+    """The product dtype a ``precision`` option asks for.
+
+    Parameters
+    ----------
+    precision : {None, "float32", "float64"}
+        The option of :func:`collect_stats` and :func:`autoalign.merge`.
+
+    Returns
+    -------
+    torch.dtype or None
+        ``torch.float32`` / ``torch.float64``, or None (the features' own precision).
+
+    Raises
+    ------
+    OptionError
+        If ``precision`` is not None, ``"float32"`` or ``"float64"``.
+    """
+    if precision not in (None, "float32", "float64"):
+        raise OptionError(f"precision must be None, 'float32' or 'float64', not {precision!r}")
+    return None if precision is None else getattr(torch, precision)
+
+
 def collect_stats(
     models: Sequence[nn.Module],
     data: Iterable[Any],
@@ -615,9 +638,7 @@ def collect_stats(
     >>> stats.batches, stats["0"].n, tuple(stats["0"].cov(0, 1).shape)
     (2, 16, (4, 4))
     """
-    if precision not in (None, "float32", "float64"):
-        raise OptionError(f"precision must be None, 'float32' or 'float64', not {precision!r}")
-    product_dtype = None if precision is None else getattr(torch, precision)
+    product_dtype = product_dtype_for(precision)
     if self_moments not in ("full", "diagonal"):
         raise OptionError(f"self_moments must be 'full' or 'diagonal', not {self_moments!r}")
     diagonal = self_moments == "diagonal"

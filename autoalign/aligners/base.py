@@ -129,8 +129,8 @@ class Aligner:
     optionally ``self_moments`` (``"full"``, the default: each model's (d, d)
     covariance is collected; ``"diagonal"``: only its variances, for aligners
     that use just ``cov(i, j)``, ``var``, ``std``, ``corr`` and ``mean``, which
-    makes statistics collection cheaper), take their hyperparameters as keyword arguments of ``__init__`` and implement
-    :meth:`solve`.
+    makes statistics collection cheaper), take their hyperparameters as keyword
+    arguments of ``__init__`` and implement :meth:`solve`.
 
     Examples
     --------
