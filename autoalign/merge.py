@@ -25,6 +25,7 @@ from .repair import (
     repair_producers,
     repair_sites,
     reset_bn,
+    restore_batchnorm,
     set_batchnorm_affine,
 )
 from .spec import MergeSpec, kind_rank
@@ -273,7 +274,7 @@ def _repair(
         producers, bns = repair_sites(out, spec)
         names = producers + bns
     else:
-        names = sorted({f.running_mean.rsplit(".", 1)[0] for f in folds if f.weight and f.bias})
+        names = _folded_names(folds)
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if names:
         # REPAIR's target: the per-channel statistics the aligned models have there
@@ -290,10 +291,17 @@ def _repair(
     if repair == "repair":
         notes = repair_producers(out, targets, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
     else:
-        # the folded BatchNorms lost their learned scale: target the aligned models' statistics
-        reset_bn(out, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
+        # a folded BatchNorm has no learned scale left: it gets the aligned models' output
+        # statistics as its affine *before* the statistics pass, so every later BatchNorm
+        # estimates its statistics on the inputs it will see
         set_batchnorm_affine(out, targets)
+        reset_bn(out, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
     return targets, notes
+
+
+def _folded_names(folds: Sequence[Any]) -> list[str]:
+    """Module names of the affine BatchNorm layers among ``folds``."""
+    return sorted({f.running_mean.rsplit(".", 1)[0] for f in folds if f.weight and f.bias})
 
 
 def _merge_hierarchical(
@@ -533,6 +541,10 @@ def merge_with_report(
             out, repair, work, moved, folds, spec, data, w, input_fn=fn, num_batches=num_batches, device=device,
             progress=progress,
         )
+    elif folds:
+        # no repair: the function stays the plain merge, and folded BatchNorms get their
+        # statistics and scale back (instead of staying identity layers)
+        restore_batchnorm(out, _folded_names(folds), data, input_fn=fn, num_batches=num_batches, device=device)
     report.repair = repair if repair != "none" else None
     timings["repair"] = time.perf_counter() - t0
     report.timings = timings

@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "reset_bn",
+    "restore_batchnorm",
     "has_batchnorm",
     "output_channel_stats",
     "set_batchnorm_affine",
@@ -120,6 +121,101 @@ def _calibration_pass(
             m.training = flag
     sync_batchnorm_stats(model)  # under torch.distributed: the statistics of all processes' shards
     return seen
+
+
+def restore_batchnorm(
+    model: nn.Module,
+    names: Sequence[str],
+    data: Iterable[Any],
+    *,
+    input_fn: Callable[[Any], Any] | None = None,
+    num_batches: int | None = None,
+    device: torch.device | str | None = None,
+) -> list[str]:
+    """Give folded BatchNorm layers back a per-channel scale and statistics, keeping the function.
+
+    A BatchNorm folded into its producer (:func:`autoalign.fold_batchnorm`) is an
+    identity normalisation: weight 1, running statistics (0, 1 − eps). In eval mode
+    that is exact, but the layer says nothing about the features it normalises, and
+    anything that re-estimates its statistics (fine-tuning, a later ``reset_bn``)
+    would normalise every channel to unit variance. This sets, from one eval-mode
+    pass of ``model`` over ``data``, each named BatchNorm's running mean ``μ`` and
+    running variance ``v`` to the per-channel statistics of its input, its weight
+    to ``sqrt(v + eps)`` (the channel's std) and adds ``μ`` to its bias: the eval
+    function is unchanged up to float rounding, and re-estimating the statistics
+    on the same data gives them back.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The merged model (modified in place; train/eval flags restored).
+    names : sequence of str
+        Module names of folded, affine BatchNorm layers (others are skipped).
+    data : iterable of batches
+        Calibration data.
+
+    Returns
+    -------
+    list of str
+        The names of the layers that were restored (those that ran on the data).
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> from autoalign.repair import restore_batchnorm
+    >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4)).eval()
+    >>> spec = autoalign.find_merge_points(net, torch.randn(2, 3, 8, 8))
+    >>> _ = net.load_state_dict(autoalign.fold_batchnorm(net.state_dict(), spec))
+    >>> x = torch.randn(16, 3, 8, 8)
+    >>> before = net(x)
+    >>> restore_batchnorm(net, ["1"], [x])
+    ['1']
+    >>> torch.allclose(net(x), before, atol=1e-5), bool((net[1].weight != 1).all())
+    (True, True)
+    """
+    fn = input_fn or default_input_fn
+    bns = {}
+    for name in names:
+        mod = model.get_submodule(name)
+        if isinstance(mod, nn.modules.batchnorm._BatchNorm) and mod.affine and mod.track_running_stats:
+            bns[name] = mod
+    if not bns:
+        return []
+    acc: dict[str, list[Any]] = {}
+    hooks = []
+
+    def make_hook(name: str) -> Callable[..., None]:
+        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            _accumulate(acc, name, _per_channel(args[0], 1))
+
+        return hook
+
+    for name, mod in bns.items():
+        hooks.append(mod.register_forward_pre_hook(make_hook(name)))
+    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            for inputs in iter_model_inputs(data, input_fn=fn, num_batches=num_batches, device=dev):
+                model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    all_reduce_moments(acc)
+    done = []
+    with torch.no_grad():
+        for name, mod in bns.items():
+            if name not in acc:
+                continue
+            cnt, s, q = acc[name]
+            mean = s / cnt
+            var = torch.clamp(q / cnt - mean * mean, min=0.0)
+            dt = mod.running_mean.dtype
+            mod.running_mean.copy_(mean.to(dt))
+            mod.running_var.copy_(var.to(dt))
+            mod.weight.copy_(torch.sqrt(var.to(dt).to(torch.float64) + mod.eps).to(mod.weight.dtype))
+            mod.bias.copy_((mod.bias.to(torch.float64) + mean.to(mod.bias.device)).to(mod.bias.dtype))
+            done.append(name)
+    return done
 
 
 def channel_axis(module: nn.Module) -> int:

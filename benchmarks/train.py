@@ -120,6 +120,8 @@ def make_config(
     width: float | None = None,
     arch_kw: dict[str, Any] | None = None,
     train_subset: int | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
     **overrides: Any,
 ) -> dict[str, Any]:
     """The full training configuration (everything that determines the weights
@@ -140,6 +142,12 @@ def make_config(
         subset for every seed, drawn with a fixed generator); ``None`` uses the
         whole training set. Only recorded in the config when set, so configs
         (and cached checkpoints) without it are unchanged.
+    precision : {"fp32", "bf16"}
+        ``"bf16"`` trains under ``torch.autocast`` in bfloat16 (weights, optimiser
+        state and BatchNorm statistics stay float32); about 2x faster on CPUs with
+        AVX-512 BF16. Recorded only when not ``"fp32"``.
+    channels_last : bool
+        Use the channels-last memory format for conv nets (recorded only when set).
     **overrides
         Any key of :func:`default_hyperparameters`; ``None`` values keep the default.
 
@@ -173,10 +181,17 @@ def make_config(
         if int(train_subset) < 1:
             raise ValueError(f"train_subset must be >= 1, got {train_subset!r}")
         config["train_subset"] = int(train_subset)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "fp32":
+        config["precision"] = precision
+    if channels_last:
+        config["channels_last"] = True
     return _jsonable(config)
 
 
 TRAIN_SUBSET_SEED = 20240101
+PRECISIONS = ("fp32", "bf16")
 
 
 def subset_indices(n_total: int, n_subset: int) -> torch.Tensor:
@@ -278,6 +293,9 @@ def _train_one(
     """Train one model; returns the checkpoint dict."""
     torch.manual_seed(seed)
     model = build_model(config["arch"], config["dataset"], width=config["width"], **config["arch_kw"]).to(device)
+    memory_format = torch.channels_last if config.get("channels_last") else torch.contiguous_format
+    model = model.to(memory_format=memory_format)
+    autocast_dtype = torch.bfloat16 if config.get("precision") == "bf16" else None
     loader = make_loader(
         *train_data,
         batch_size=config["batch_size"],
@@ -303,9 +321,12 @@ def _train_one(
         t0 = time.perf_counter()
         for x, y in loader:
             x = x.to(device, non_blocking=True)
+            if x.dim() == 4:
+                x = x.contiguous(memory_format=memory_format)
             y = y.to(device, non_blocking=True)
-            logits = model(x)
-            loss = criterion(logits, y)
+            with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+                logits = model(x)
+                loss = criterion(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -330,7 +351,7 @@ def _train_one(
     train_seconds = time.perf_counter() - start
     test_accuracy = evaluate(model, test_loader, device)
     return {
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         "config": config,
         "seed": int(seed),
         "test_accuracy": float(test_accuracy),
@@ -399,6 +420,8 @@ def train_models(
     label_smoothing: float | None = None,
     augment: bool | None = None,
     train_subset: int | None = None,
+    precision: str = "fp32",
+    channels_last: bool = False,
     force: bool = False,
     num_threads: int | None = None,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -429,6 +452,8 @@ def train_models(
         Generic width knob of :func:`benchmarks.models.build_model`.
     train_subset : int or None
         Train on a fixed subset of this many training images (see :func:`make_config`).
+    precision, channels_last
+        Mixed precision and memory format of training (see :func:`make_config`).
     force : bool
         Retrain even when a checkpoint for the config and seed exists.
     num_threads : int or None
@@ -464,6 +489,8 @@ def train_models(
         label_smoothing=label_smoothing,
         augment=augment,
         train_subset=train_subset,
+        precision=precision,
+        channels_last=channels_last,
     )
     dev = torch.device(device)
     out = pathlib.Path(out_dir)
@@ -523,6 +550,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="data folder (default: $AUTOALIGN_DATA)")
     p.add_argument("--cache-dir", default=None, help="decoded-data cache (default: $AUTOALIGN_CACHE or ~/.cache/autoalign)")
     p.add_argument("--train-subset", type=int, default=None, help="train on a fixed subset of this many training images")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="bf16: autocast in bfloat16 (about 2x faster on AVX-512 BF16 CPUs)")
+    p.add_argument("--channels-last", action="store_true", help="channels-last memory format for conv nets")
     p.add_argument("--device", default=default_device(), help="default: cuda when available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: $AUTOALIGN_THREADS or 1)")
     p.add_argument("--out", default="checkpoints", help="checkpoint folder")
@@ -563,6 +592,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             label_smoothing=args.label_smoothing,
             augment=args.augment,
             train_subset=args.train_subset,
+            precision=args.precision,
+            channels_last=args.channels_last,
             force=args.force,
             num_threads=args.threads,
             cache_dir=args.cache_dir,

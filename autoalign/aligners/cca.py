@@ -8,6 +8,12 @@ For a merge point with reference features ``x`` and model features ``y``:
   reference's coordinates, ``T⁻¹ = S_yy^{1/2} V Uᵀ S_xx^{-1/2}`` maps back; no
   explicit inverse is formed.
 
+``U Vᵀ`` is the polar factor of the whitened cross-covariance. On directions whose
+canonical correlation is zero (dead units, constant features; below ``1e-6`` of the
+largest) any rotation is optimal and an SVD picks one at random; there the rotation
+nearest the identity is used (:func:`~autoalign.aligners.linalg.polar_nearest_identity`),
+so a model aligned to its own copy gets ``T = I`` in every direction.
+
 The ridge ``γ`` is relative to the covariance's mean eigenvalue
 (``γ_x = ridge · tr(cov(x)) / d``), so one default works at any feature scale;
 ``ridge_mode="absolute"`` uses ``γ = ridge`` as in the authors' code. As
@@ -19,28 +25,58 @@ relative ridge (tests/test_lstsq_procrustes.py pins both).
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 
 from ..spec import MergePoint
 from ..stats import PointStats
 from .base import AlignProblem, PointPlan, ReferenceAligner
-from .linalg import sym_sqrt_pair
+from .linalg import polar_nearest_identity
 from .registry import register_aligner
 
 __all__ = ["CCAAligner", "cca_transform"]
 
 #: Eigenvalues of the ridged covariances are floored at this fraction of their mean.
 _EIG_FLOOR = 1e-12
+#: Canonical correlations below this fraction of the largest count as zero: on those
+#: directions any rotation is optimal and the one nearest the identity is used.
+_RHO_RTOL = 1e-6
+#: Canonical correlations within this many times the covariances' noise level count as zero.
+_NOISE_FACTOR = 10.0
+#: ... but never more than this: statistics noisier than that are not aligned by a threshold.
+_RHO_TOL_MAX = 0.1
 
 
-def _ridged_roots(c: torch.Tensor, ridge: float, relative: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(S^{1/2}, S^{-1/2})`` of the ridged covariance ``S = c + γ I``."""
+class _Roots(NamedTuple):
+    """``S^{1/2}``, ``S^{-1/2}`` of a ridged covariance ``S = C + γ I``, and its noise level.
+
+    ``noise`` is ``max(0, −λ_min(C)) / λ_min(S)``: a covariance is positive
+    semi-definite, so a negative eigenvalue is rounding in the feature products
+    (float32 products leave ~1e-7 of the largest eigenvalue), and divided by the
+    smallest eigenvalue of ``S`` it bounds how much that rounding moves a whitened
+    cross-covariance, i.e. the canonical correlations that are indistinguishable from 0.
+    """
+
+    half: torch.Tensor
+    inv_half: torch.Tensor
+    noise: float
+
+
+def _ridged_roots(c: torch.Tensor, ridge: float, relative: bool) -> _Roots:
+    """Roots and noise level of the ridged covariance ``S = c + γ I`` (see :class:`_Roots`)."""
     d = c.shape[0]
-    g = ridge * (torch.trace(c) / d if relative else 1.0)
+    g = ridge * (float(torch.trace(c)) / d if relative else 1.0)
     s = c + g * torch.eye(d, dtype=c.dtype, device=c.device)
+    evals, evecs = torch.linalg.eigh(s)
     # eigenvalues floored relative to the mean one, so rank-deficient covariances (dead
     # units, duplicated channels, fewer samples than channels) stay finite even at ridge=0
-    return sym_sqrt_pair(s, _EIG_FLOOR * float(torch.trace(s)) / d)
+    floor = max(_EIG_FLOOR * float(evals.sum()) / d, torch.finfo(s.dtype).tiny)
+    lam_min = float(evals[0]) if d else 0.0
+    evals = torch.clamp(evals, min=floor)
+    root = evals.sqrt()
+    noise = max(0.0, g - lam_min) / float(evals[0]) if d else 0.0
+    return _Roots((evecs * root) @ evecs.T, (evecs / root) @ evecs.T, noise)
 
 
 def cca_transform(
@@ -50,7 +86,7 @@ def cca_transform(
     *,
     ridge: float = 0.01,
     relative: bool = True,
-    x_roots: tuple[torch.Tensor, torch.Tensor] | None = None,
+    x_roots: _Roots | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """CCA alignment of ``y``-features onto ``x``-features from covariances.
 
@@ -64,9 +100,9 @@ def cca_transform(
         Regularisation ``γ`` (relative to the mean eigenvalue when ``relative``).
     relative : bool
         Scale the ridge by ``tr(c)/d`` of each covariance.
-    x_roots : (Tensor, Tensor), optional
-        ``(S_xx^{1/2}, S_xx^{-1/2})`` computed once for the reference (they do not
-        depend on the model); computed here when omitted.
+    x_roots : _Roots, optional
+        The reference's roots (they do not depend on the model), computed once per
+        point by :class:`CCAAligner`; computed here when omitted.
 
     Returns
     -------
@@ -77,11 +113,15 @@ def cca_transform(
     rho : Tensor, shape (d,)
         Canonical correlations, descending.
     """
-    sxx_h, sxx_ih = x_roots if x_roots is not None else _ridged_roots(cxx, ridge, relative)
-    syy_h, syy_ih = _ridged_roots(cyy, ridge, relative)
-    u, rho, vt = torch.linalg.svd(sxx_ih @ cxy @ syy_ih)
-    t = sxx_h @ u @ vt @ syy_ih
-    t_inv = syy_h @ vt.T @ u.T @ sxx_ih
+    rx = x_roots if x_roots is not None else _ridged_roots(cxx, ridge, relative)
+    ry = _ridged_roots(cyy, ridge, relative)
+    sxx_h, sxx_ih, syy_h, syy_ih = rx.half, rx.inv_half, ry.half, ry.inv_half
+    # canonical correlations at the covariances' rounding level are zeros: an SVD would
+    # give them arbitrary directions (and a negative rounding eigenvalue a reflection)
+    tol = min(_RHO_TOL_MAX, _NOISE_FACTOR * max(rx.noise, ry.noise))
+    q, rho, _ = polar_nearest_identity(sxx_ih @ cxy @ syy_ih, _RHO_RTOL, tol)
+    t = sxx_h @ q @ syy_ih
+    t_inv = syy_h @ q.T @ sxx_ih
     return t, t_inv, rho
 
 
@@ -116,7 +156,7 @@ class CCAAligner(ReferenceAligner):
         self.ridge = float(ridge)
         self.ridge_mode = ridge_mode
 
-    _x_roots: tuple[torch.Tensor, torch.Tensor] | None = None
+    _x_roots: _Roots | None = None
 
     def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
         self._x_roots = None

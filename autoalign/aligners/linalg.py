@@ -6,7 +6,7 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["sym_power", "match_permutation", "nearest_permutation", "nearest_orthogonal", "is_permutation"]
+__all__ = ["sym_power", "psd_noise", "polar_nearest_identity", "match_permutation", "nearest_permutation", "nearest_orthogonal", "is_permutation"]
 
 
 def sym_power(s: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor:
@@ -25,6 +25,68 @@ def sym_sqrt_pair(s: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, to
     evals = torch.clamp(evals, min=max(floor, torch.finfo(s.dtype).tiny))
     root = evals.sqrt()
     return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
+
+
+def psd_noise(c: torch.Tensor) -> float:
+    """Rounding level of a covariance: ``max(0, −λ_min(c))``.
+
+    A covariance is positive semi-definite; a negative eigenvalue is rounding in the
+    feature products (float32 products leave ~1e-7 of the largest eigenvalue), and
+    its size is how far any eigenvalue (or singular value of a cross-covariance
+    built the same way) can be moved by it.
+    """
+    if c.numel() == 0:
+        return 0.0
+    return max(0.0, -float(torch.linalg.eigvalsh(c)[0]))
+
+
+def polar_nearest_identity(m: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """The orthogonal ``Q`` maximising ``tr(Qᵀ m)``, nearest the identity where that is not unique.
+
+    With ``m = U S Vᵀ``, ``Q = U Vᵀ`` (the polar factor). On the singular vectors
+    whose singular values are zero (at most ``rtol`` times the largest or ``atol``;
+    all of them when ``m`` is zero) every orthogonal map from the right null space onto the left
+    one maximises the trace equally, and an SVD returns an arbitrary one: a rank-
+    deficient ``m`` (dead units, constant features) would scramble them. Of those
+    maps, ``U0 R V0ᵀ`` with ``R`` the polar factor of ``U0ᵀ V0`` is the one nearest the
+    identity, so a symmetric positive semi-definite ``m`` (a model against its own
+    copy) gives exactly ``Q = I`` up to rounding, in degenerate directions too.
+
+    Parameters
+    ----------
+    m : Tensor, shape (d, d)
+        A cross-covariance, or a whitened one (canonical correlations).
+    rtol, atol : float
+        Singular values up to ``max(rtol · s_max, atol)`` count as zero (``atol``: the
+        rounding level of the statistics ``m`` was built from, see :func:`psd_noise`).
+
+    Returns
+    -------
+    Q : Tensor, shape (d, d)
+        Orthogonal.
+    s : Tensor, shape (d,)
+        The singular values of ``m``, descending.
+    rank : int
+        The number of singular values above the threshold.
+
+    Examples
+    --------
+    >>> import torch
+    >>> m = torch.diag(torch.tensor([2.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    >>> q, s, rank = polar_nearest_identity(m)
+    >>> torch.equal(q.round(decimals=12), torch.eye(4, dtype=torch.float64)), rank
+    (True, 2)
+    """
+    d = m.shape[0]
+    u, s, vt = torch.linalg.svd(m)
+    smax = float(s[0]) if s.numel() else 0.0
+    rank = int((s > max(rtol * smax, atol)).sum()) if smax > 0 else 0
+    q = u[:, :rank] @ vt[:rank]
+    if rank < d:
+        u0, v0 = u[:, rank:], vt[rank:].T
+        a, _, ct = torch.linalg.svd(u0.T @ v0)
+        q = q + u0 @ (a @ ct) @ v0.T
+    return q, s, rank
 
 
 def match_permutation(score: torch.Tensor) -> torch.Tensor:

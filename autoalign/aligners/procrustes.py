@@ -22,6 +22,7 @@ import torch
 from ..spec import MergePoint
 from ..stats import PointStats
 from .base import ReferenceAligner
+from .linalg import polar_nearest_identity, psd_noise
 from .lstsq import matched_correlation
 from .registry import register_aligner
 
@@ -31,13 +32,16 @@ __all__ = ["ProcrustesAligner", "procrustes_transform"]
 _SV_RTOL = 1e-10
 
 
-def procrustes_transform(cxy: torch.Tensor) -> tuple[torch.Tensor, int]:
+def procrustes_transform(cxy: torch.Tensor, noise: float = 0.0) -> tuple[torch.Tensor, int]:
     """Orthogonal Procrustes map of ``y``-features onto ``x``-features.
 
     Parameters
     ----------
     cxy : Tensor, shape (d, d)
         Cross-covariance ``E[(x − μ_x)(y − μ_y)ᵀ]`` (or a cross-correlation).
+    noise : float, default 0
+        Rounding level of the statistics (:func:`~autoalign.aligners.linalg.psd_noise`
+        of the covariances): singular values within 10 times it count as zero too.
 
     Returns
     -------
@@ -59,17 +63,7 @@ def procrustes_transform(cxy: torch.Tensor) -> tuple[torch.Tensor, int]:
     >>> torch.allclose(Q, q), rank
     (True, 2)
     """
-    d = cxy.shape[0]
-    u, s, vt = torch.linalg.svd(cxy)
-    smax = float(s[0]) if s.numel() else 0.0
-    rank = int((s > _SV_RTOL * smax).sum()) if smax > 0 else 0
-    q = u[:, :rank] @ vt[:rank]
-    if rank < d:
-        # orthogonal maps from the right null space onto the left one: U0 R V0ᵀ; the one
-        # nearest I maximises tr(R V0ᵀ U0), i.e. R is the polar factor of U0ᵀ V0
-        u0, v0 = u[:, rank:], vt[rank:].T
-        a, _, ct = torch.linalg.svd(u0.T @ v0)
-        q = q + u0 @ (a @ ct) @ v0.T
+    q, _, rank = polar_nearest_identity(cxy, _SV_RTOL, 10.0 * noise)
     return q, rank
 
 
@@ -121,7 +115,10 @@ class ProcrustesAligner(ReferenceAligner):
         self, point: MergePoint, stats: PointStats, ref: int, m: int
     ) -> tuple[torch.Tensor, torch.Tensor, float, str | None]:
         cxx, cyy, cxy = stats.cov(ref), stats.cov(m), stats.cov(ref, m)
-        q, rank = procrustes_transform(stats.corr(ref, m) if self.standardize else cxy)
+        if self.standardize:
+            q, rank = procrustes_transform(stats.corr(ref, m), max(psd_noise(stats.corr(ref, ref)), psd_noise(stats.corr(m, m))))
+        else:
+            q, rank = procrustes_transform(cxy, max(psd_noise(cxx), psd_noise(cyy)))
         note = None
         if rank < point.dim:
             note = f"model {m}: cross-covariance of rank {rank} < {point.dim}; on its null space the rotation nearest the identity"

@@ -208,7 +208,12 @@ def zipit_groups(
 
 
 def zipit_transforms(
-    groups: list[list[tuple[int, int]]], weights: torch.Tensor, d: int, reference: int = 0
+    groups: list[list[tuple[int, int]]],
+    weights: torch.Tensor,
+    d: int,
+    reference: int = 0,
+    *,
+    models: list[int] | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor], bool]:
     """Merge and unmerge matrices of the ``N`` models from ZipIt groups.
 
@@ -222,6 +227,8 @@ def zipit_transforms(
         Feature dimension.
     reference : int, default 0
         Groups are ordered by the reference feature they contain.
+    models : list of int, optional
+        The models the groups hold (default: all ``N``); the others get zero matrices.
 
     Returns
     -------
@@ -246,7 +253,8 @@ def zipit_transforms(
 
     groups = sorted(groups, key=key)
     w = weights.double().cpu()
-    perm = all(len(g) == n and len({m for m, _ in g}) == n for g in groups)
+    k_models = n if models is None else len(models)
+    perm = all(len(g) == k_models and len({m for m, _ in g}) == k_models for g in groups)
     merges = [torch.zeros(d, d, dtype=torch.float64) for _ in range(n)]
     unmerges = [torch.zeros(d, d, dtype=torch.float64) for _ in range(n)]
     for k, g in enumerate(groups):
@@ -309,14 +317,22 @@ class ZipItAligner(PointwiseAligner):
     def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
         assert stats is not None
         n, d = problem.n_models, point.dim
-        blocks = [[stats.corr(i, j).double().cpu() for j in range(n)] for i in range(n)]
+        # a model of weight 0 adds nothing to the merge, so it takes no part in the zipping
+        # either (else its features would still be grouped with, and average away, the others')
+        live = [m for m in range(n) if float(problem.weights[m]) > 0]
+        blocks = [[stats.corr(i, j).double().cpu() for j in live] for i in live]
         corr = torch.cat([torch.cat(row, dim=1) for row in blocks], dim=0)
-        groups, score, forced = zipit_groups(corr, n, alpha=self.alpha, beta=self.beta)
-        merges, unmerges, perm = zipit_transforms(groups, problem.weights, d, problem.reference)
+        groups, score, forced = zipit_groups(corr, len(live), alpha=self.alpha, beta=self.beta)
+        groups = [[(live[m], a) for m, a in g] for g in groups]
+        ref = problem.reference if problem.reference in live else live[0]
+        merges, unmerges, perm = zipit_transforms(groups, problem.weights, d, ref, models=live)
+        for m in range(n):
+            if m not in live:  # weight 0: any invertible map; the identity
+                merges[m] = unmerges[m] = torch.eye(d, dtype=torch.float64)
         note = None
         if not perm:
             within = sum(1 for g in groups if len({m for m, _ in g}) < len(g))
-            partial = sum(1 for g in groups if len({m for m, _ in g}) < n)
+            partial = sum(1 for g in groups if len({m for m, _ in g}) < len(live))
             note = f"{within} merged features join features of one model; {partial} lack some model"
             if forced:
                 note += f"; {forced} merges forced past the alpha/beta rules (dead end)"

@@ -1,0 +1,214 @@
+"""The merge invariants on trained BatchNorm nets, for every aligner and every repair mode.
+
+Four small topologies with BatchNorm (a plain conv chain, a residual net whose
+stream passes through adds, a depthwise conv with a squeeze-excite gate, an MLP
+with ``BatchNorm1d``), trained for a few epochs on scikit-learn's digits, each
+merged with every registered aligner under every repair mode:
+
+* ``merge([A] * 3)`` computes ``A``;
+* ``merge([A, B], weights=(1, 0))`` computes ``A`` (the reference);
+* every aligner maps a model and its copy onto each other with the identity
+  (also through dead units and the tied, rank-deficient directions of a trained
+  net's features).
+
+Tolerances. Without repair the merge is exact up to float rounding (1e-4 of the
+logit scale). ``reset_bn`` and ``repair`` re-estimate BatchNorm statistics on the
+calibration data the way PyTorch does (training mode, ``momentum=None``): the
+running variance is the average of per-batch *unbiased* variances and, during the
+pass, every layer sees inputs normalised with its batch's statistics, whereas a
+merged channel's target std is that of all samples pooled. The two differ by
+``O(1/n_b)`` plus the spread of the batch means, with ``n_b`` the samples per
+batch and channel (512 for ``BatchNorm1d`` here, 512 · 64 for the conv nets), so
+``A`` is re-computed only up to that: we allow 2 % of the logit scale and require
+the same arg-max on at least 99 % of inputs. ``A`` is calibrated on the same data
+first (its running statistics re-estimated there, as a merge does); a model whose
+statistics come from elsewhere changes by that re-estimation too.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autoalign
+from autoalign.apply import fold_points
+from autoalign.testing import max_output_diff
+
+ALIGNERS = autoalign.list_aligners()
+REPAIRS = [None, "reset_bn", "repair"]
+
+
+class PlainBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(1, 12, 3, padding=1), nn.BatchNorm2d(12), nn.ReLU(),
+            nn.Conv2d(12, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU(),
+        )
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.features(x).mean((2, 3)))
+
+
+class Block(nn.Module):
+    def __init__(self, c: int) -> None:
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class ResidualBN(nn.Module):
+    """The issue's residual CNN, scaled down: stem, block, strided conv, block, pool, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.block1 = Block(12)
+        self.down = nn.Sequential(nn.Conv2d(12, 16, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.block2 = Block(16)
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.block2(self.down(self.block1(self.stem(x)))).mean((2, 3)))
+
+
+class DepthwiseSE(nn.Module):
+    """Conv, depthwise conv, a squeeze-excite gate, a pointwise conv (MobileNet/EfficientNet-like)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 12, 3, padding=1, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2d(12, 12, 3, padding=1, groups=12, bias=False), nn.BatchNorm2d(12), nn.ReLU())
+        self.se_reduce, self.se_expand = nn.Conv2d(12, 4, 1), nn.Conv2d(4, 12, 1)
+        self.pw = nn.Sequential(nn.Conv2d(12, 16, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.fc = nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.dw(self.stem(x))
+        gate = torch.sigmoid(self.se_expand(F.relu(self.se_reduce(x.mean((2, 3), keepdim=True)))))
+        return self.fc(self.pw(x * gate).mean((2, 3)))
+
+
+class MLPBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(64, 32), nn.BatchNorm1d(32), nn.ReLU(),
+            nn.Linear(32, 32, bias=False), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+TOPOLOGIES = {"plain": PlainBN, "residual": ResidualBN, "depthwise_se": DepthwiseSE, "mlp": MLPBN}
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from autoalign.datasets import load_dataset
+
+    x, y = load_dataset("digits")
+    x = (x - x.mean()) / x.std()
+    return x, y
+
+
+def _train(cls: type[nn.Module], seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+    torch.manual_seed(seed)
+    model = cls()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(4):
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y) - 63, 64):
+            idx = perm[i : i + 64]
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained(digits) -> dict[str, tuple[nn.Module, nn.Module, list, torch.Tensor]]:
+    """Per topology: two trained models calibrated on the calibration batches, the batches, test inputs."""
+    x, y = digits
+    xtr, ytr, xte = x[:1200], y[:1200], x[1200:1600]
+    calib = [(xtr[i : i + 512], ytr[i : i + 512]) for i in range(0, 1024, 512)]
+    out = {}
+    for name, cls in TOPOLOGIES.items():
+        a, b = (autoalign.reset_bn(_train(cls, s, xtr, ytr), calib).eval() for s in (0, 1))
+        out[name] = (a, b, calib, xte)
+    return out
+
+
+def _check_computes(model: nn.Module, merged: nn.Module, x: torch.Tensor, repair: str | None, what: str) -> None:
+    with torch.no_grad():
+        want, got = model.eval()(x), merged.eval()(x)
+    diff, scale = max_output_diff(want, got)
+    if repair is None:
+        assert diff <= 1e-4 * max(1.0, scale), f"{what}: max |Δ logit| {diff:.3g} (scale {scale:.3g})"
+    else:
+        agree = float((want.argmax(1) == got.argmax(1)).float().mean())
+        assert diff <= 2e-2 * max(1.0, scale) and agree >= 0.99, (
+            f"{what}: max |Δ logit| {diff:.3g} (scale {scale:.3g}), arg-max agreement {agree:.3f}"
+        )
+
+
+@pytest.mark.parametrize("repair", REPAIRS, ids=str)
+@pytest.mark.parametrize("aligner", ALIGNERS)
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+def test_merging_copies_and_weighting_the_reference_compute_it(trained, topology, aligner, repair):
+    a, b, calib, x = trained[topology]
+    merged = autoalign.merge([a, copy.deepcopy(a), copy.deepcopy(a)], calib, aligner=aligner, repair=repair)
+    _check_computes(a, merged, x, repair, f"merge([A] * 3), {aligner}, repair={repair}")
+    assert type(merged) is type(a) and list(merged.state_dict()) == list(a.state_dict())
+    merged = autoalign.merge([a, b], calib, aligner=aligner, repair=repair, weights=(1, 0))
+    _check_computes(a, merged, x, repair, f"weights=(1, 0), {aligner}, repair={repair}")
+
+
+@pytest.mark.parametrize("aligner", ALIGNERS)
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+def test_an_aligner_maps_a_model_onto_its_copy_with_the_identity(trained, topology, aligner):
+    a, _, calib, _ = trained[topology]
+    plan = autoalign.merge_with_report([a, copy.deepcopy(a)], calib, aligner=aligner, repair=None).plan
+    assert plan.points
+    for name, pp in plan.points.items():
+        eye = torch.eye(pp.merges[0].shape[0], dtype=torch.float64)
+        for m in range(2):
+            for what, t in (("merge", pp.merges[m]), ("unmerge", pp.unmerges[m])):
+                err = float((t.double() - eye).abs().max())
+                assert err <= 1e-8, f"{aligner}: {what} matrix of model {m} at {name!r} is {err:.3g} from the identity"
+
+
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+def test_merged_batchnorms_carry_a_scale_and_statistics(trained, topology):
+    """After a dense merge, folded BatchNorms are not identity layers: their weight and
+    running variance are the merged channels' std and variance. After a repair every
+    BatchNorm's statistics are the merged model's own, so re-estimating them once more
+    keeps the function (up to the re-estimation tolerance above)."""
+    a, b, calib, x = trained[topology]
+    for repair in REPAIRS:
+        result = autoalign.merge_with_report([a, b], calib, aligner="cca", repair=repair)
+        merged = result.model
+        spec = result.spec
+        folded = {  # BatchNorms whose point takes a dense transform
+            f.running_mean.rsplit(".", 1)[0] for f in spec.folds
+            if any(spec.points[i].kind == "linear" for i in fold_points(spec, f))
+        }
+        assert folded and result.report.folded_batchnorms == len(folded)
+        for name in folded:
+            bn = merged.get_submodule(name)
+            assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var), atol=1e-3), (repair, name)
+            assert not torch.allclose(bn.weight, torch.ones_like(bn.weight), atol=1e-3), (repair, name)
+        if repair is not None:
+            again = autoalign.reset_bn(copy.deepcopy(merged), calib)
+            _check_computes(merged, again, x, "reset_bn", f"reset_bn after a cca merge (repair={repair})")
