@@ -492,8 +492,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     repair = None if args.repair == "none" else args.repair
     print(f"merging {len(models)} x {arch} with aligner {args.aligner!r} on {args.data} ...", flush=True)
     result = merge_with_report(
-        models, data, aligner=args.aligner, reference=reference, repair=repair, scheme=args.scheme,
-        num_batches=args.num_batches, device=args.device, progress=args.progress, precision=args.precision, **options,
+        models, data, aligner=args.aligner, reference=reference, repair=repair, batchnorm=args.batchnorm,
+        scheme=args.scheme, num_batches=args.num_batches, device=args.device, progress=args.progress, precision=args.precision, **options,
     )
     report = result.report
     table = report.table()
@@ -662,6 +662,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repair", choices=("auto", "reset_bn", "repair", "none"), default="auto",
                    help="after merging: auto re-estimates BatchNorm statistics when the model has BatchNorm; "
                         "repair matches every layer's per-channel mean/std to the aligned models' (REPAIR)")
+    p.add_argument("--batchnorm", choices=("fold", "transform"), default="fold",
+                   help="BatchNorm under a dense transform: fold (exact: folded into its producer, merged, written "
+                        "back with the merged scale) or transform (the CCA Merge authors': its vectors multiplied by "
+                        "the dense matrix, statistics re-estimated; needs a repair)")
     p.add_argument("--scheme", choices=("all_to_one", "iterative"), default="all_to_one",
                    help="all_to_one aligns every model to the reference once; iterative re-aligns to the merged model "
                         "until the plan settles (aligners that align to a reference: cca, permutation, ot)")

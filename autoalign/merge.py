@@ -35,6 +35,7 @@ from .trace import as_input_tuple, eval_mode
 __all__ = ["merge", "merge_with_report", "MergeResult", "MergeReport", "PointReport"]
 
 REPAIRS = ("auto", "reset_bn", "repair", None)
+BATCHNORMS = ("fold", "transform")
 SCHEMES = ("all_to_one", "iterative", "hierarchical")
 ITERATIVE_TOL = 1e-3
 
@@ -245,11 +246,14 @@ def _plan_change(old: Plan, new: Plan) -> float:
 
 
 def _apply_plan(
-    sds: list[dict[str, torch.Tensor]], spec: MergeSpec, plan: Plan, w: torch.Tensor
+    sds: list[dict[str, torch.Tensor]], spec: MergeSpec, plan: Plan, w: torch.Tensor, batchnorm: str = "fold"
 ) -> tuple[list[dict[str, torch.Tensor]], list[Any], dict[str, torch.Tensor]]:
-    """Transform every model's state dict by the plan and average: (moved, folds, merged)."""
+    """Transform every model's state dict by the plan and average: (moved, folds, merged).
+
+    ``batchnorm="transform"`` folds nothing: BatchNorm vectors are multiplied by the
+    point's matrix like a bias (the authors' formulation; approximate for dense maps)."""
     per_model = [plan.transforms_for(m) for m in range(len(sds))]
-    folds = folds_needed(spec, per_model)
+    folds = folds_needed(spec, per_model) if batchnorm == "fold" else []
     moved = [transform_state_dict(sds[m], spec, per_model[m], folds=folds) for m in range(len(sds))]
     return moved, folds, average_state_dicts(moved, w.tolist())
 
@@ -356,6 +360,7 @@ def merge_with_report(
     averaging: str = "uniform",
     averaging_options: dict[str, Any] | None = None,
     repair: str | None = "auto",
+    batchnorm: str = "fold",
     num_batches: int | None = None,
     device: torch.device | str | None = None,
     input_fn: Callable[[Any], Any] | None = None,
@@ -397,6 +402,14 @@ def merge_with_report(
         raise MergeError(f"repair must be one of {REPAIRS}, got {repair!r}")
     if scheme not in SCHEMES:
         raise MergeError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
+    if batchnorm not in BATCHNORMS:
+        raise MergeError(f"batchnorm must be one of {BATCHNORMS}, got {batchnorm!r}")
+    if batchnorm == "transform" and repair in (None, "none"):
+        raise MergeError(
+            "batchnorm='transform' multiplies BatchNorm running statistics by dense matrices, which leaves "
+            "them meaningless (even negative variances); it needs repair='reset_bn' (the authors' choice), "
+            "'repair' or 'auto', not repair=None"
+        )
     if averaging not in AVERAGINGS:
         raise MergeError(f"averaging must be one of {AVERAGINGS}, got {averaging!r}")
     product_dtype_for(precision)  # a bad value fails here, before any work
@@ -451,7 +464,7 @@ def merge_with_report(
 
     if scheme == "hierarchical":
         return _merge_hierarchical(
-            work, data, al, spec, reference, w, timings, repair=repair, averaging=averaging,
+            work, data, al, spec, reference, w, timings, repair=repair, batchnorm=batchnorm, averaging=averaging,
             averaging_options=averaging_options, num_batches=num_batches, device=device, input_fn=input_fn,
             progress=progress, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
             precision=precision, training=models[reference].training,
@@ -473,7 +486,7 @@ def merge_with_report(
     timings["solve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    moved, folds, merged_sd = _apply_plan(sds, spec, plan, w)
+    moved, folds, merged_sd = _apply_plan(sds, spec, plan, w, batchnorm)
     timings["apply"] = time.perf_counter() - t0
 
     iterations, change = 0, None
@@ -504,7 +517,7 @@ def merge_with_report(
             plan = new_plan
             timings["solve"] += time.perf_counter() - t0
             t0 = time.perf_counter()
-            moved, folds, merged_sd = _apply_plan(sds, spec, plan, w)
+            moved, folds, merged_sd = _apply_plan(sds, spec, plan, w, batchnorm)
             timings["apply"] += time.perf_counter() - t0
             del current
             if change <= ITERATIVE_TOL:
@@ -564,6 +577,7 @@ def merge(
     averaging: str = "uniform",
     averaging_options: dict[str, Any] | None = None,
     repair: str | None = "auto",
+    batchnorm: str = "fold",
     num_batches: int | None = None,
     device: torch.device | str | None = None,
     input_fn: Callable[[Any], Any] | None = None,
@@ -620,6 +634,17 @@ def merge(
         per-channel output mean/std are matched to the average of the aligned
         models', folded into weights and biases, so it works without BatchNorm;
         ``"auto"`` is ``"reset_bn"`` when the model has BatchNorm, else None.
+        Without repair, folded BatchNorms get the merged channels' statistics
+        and std as running statistics and weight (the function is unchanged;
+        :func:`autoalign.repair.restore_batchnorm`).
+    batchnorm : {"fold", "transform"}, default "fold"
+        How a BatchNorm whose point takes a dense (non-permutation) transform is
+        merged. ``"fold"`` folds it into its producer, which is exact, transforms
+        and averages, and writes the merged per-channel scale and shift back into
+        the BatchNorm. ``"transform"`` is the CCA Merge authors' formulation:
+        every BatchNorm vector is multiplied by the dense matrix like a bias
+        (exact only for permutations), and the statistics are then re-estimated,
+        so it needs a repair (``"auto"`` means ``"reset_bn"`` there).
     num_batches : int, optional
         Use at most this many calibration batches per pass.
     device : torch.device or str, optional
@@ -665,6 +690,6 @@ def merge(
     return merge_with_report(
         models, data, aligner=aligner, reference=reference, weights=weights, scheme=scheme,
         max_iterations=max_iterations, averaging=averaging, averaging_options=averaging_options, repair=repair,
-        num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
+        batchnorm=batchnorm, num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
         leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision, **aligner_options,
     ).model

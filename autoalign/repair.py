@@ -3,9 +3,13 @@
 ``reset_bn`` re-estimates every BatchNorm's running statistics on calibration data
 (the merged weights no longer match the averaged statistics). A BatchNorm that was
 folded into its producer for a dense transform has no learned scale left, so
-before the reset its affine is set to the per-channel mean and std that the
-aligned models' outputs have there (REPAIR's target, Jordan et al. 2023): the
-merged layer then reproduces the average statistics instead of unit variance.
+before the reset (before: every later layer's statistics depend on it) its affine
+is set to the per-channel mean and std that the aligned models' outputs have there
+(REPAIR's target, Jordan et al. 2023): the merged layer then reproduces the average
+statistics instead of unit variance.
+
+Without repair, :func:`restore_batchnorm` writes a folded BatchNorm's scale and
+statistics back from one eval-mode pass, keeping the merged function.
 
 ``repair="repair"`` (:func:`repair_producers`) is full REPAIR: at every
 producer (Linear/Conv) of a non-frozen merge point and every BatchNorm, the

@@ -42,7 +42,7 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
 }
 
 #: Architecture names accepted by :func:`build_model`.
-ARCHITECTURES: tuple[str, ...] = ("mlp", "smallcnn", "vgg11", "resnet20")
+ARCHITECTURES: tuple[str, ...] = ("mlp", "smallcnn", "vgg11", "resnet20", "resbn")
 
 _ARCH_ALIASES = {"cnn": "smallcnn", "small_cnn": "smallcnn", "vgg": "vgg11", "resnet": "resnet20"}
 _DATASET_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}
@@ -264,6 +264,30 @@ class ResNet20(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
+class ResidualBNCNN(nn.Module):
+    """The small residual BatchNorm CNN of issue 16: a stem conv-BN-ReLU (``width``
+    channels), one residual block ``relu(x + bn2(conv2(relu(bn1(conv1(x))))))``, a
+    strided conv-BN-ReLU to ``2 · width``, a second block, global average pool, linear head.
+
+    Input ``(b, in_channels, H, W)``; output ``(b, num_classes)``.
+    """
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, width: int = 32) -> None:
+        super().__init__()
+        w2 = 2 * width
+        self.stem = nn.Sequential(*_conv_bn_relu(in_channels, width))
+        self.block1 = BasicBlock(width, width)
+        self.down = nn.Sequential(nn.Conv2d(width, w2, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(w2), nn.ReLU())
+        self.block2 = BasicBlock(w2, w2)
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(w2, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.block2(self.down(self.block1(self.stem(x))))
+        return self.fc(self.flatten(self.pool(x)))
+
+
 def _canonical_dataset(dataset: str) -> str:
     key = _DATASET_ALIASES.get(dataset.strip().lower(), dataset.strip().lower())
     if key not in DATASET_SHAPES:
@@ -289,7 +313,7 @@ def build_model(arch: str, dataset: str, *, width: float | None = None, **kw: An
 
     Parameters
     ----------
-    arch : {"mlp", "smallcnn", "vgg11", "resnet20"}
+    arch : {"mlp", "smallcnn", "vgg11", "resnet20", "resbn"}
         Architecture (``"cnn"`` is an alias of ``"smallcnn"``).
     dataset : {"digits", "mnist", "fashion-mnist", "cifar10"}
         Sets the input channels / size and the number of classes.
@@ -323,5 +347,7 @@ def build_model(arch: str, dataset: str, *, width: float | None = None, **kw: An
     if a == "vgg11":
         wm = width if width is not None else kw.pop("width_multiplier", 1)
         return VGG11(c, num_classes, width_multiplier=wm, input_size=h, **kw)
+    if a == "resbn":
+        return ResidualBNCNN(c, num_classes, width=int(width if width is not None else kw.pop("width", 32)))
     wm = width if width is not None else kw.pop("width_multiplier", 1)
     return ResNet20(num_classes, width_multiplier=wm, in_channels=c, **kw)

@@ -212,3 +212,21 @@ def test_merged_batchnorms_carry_a_scale_and_statistics(trained, topology):
         if repair is not None:
             again = autoalign.reset_bn(copy.deepcopy(merged), calib)
             _check_computes(merged, again, x, "reset_bn", f"reset_bn after a cca merge (repair={repair})")
+
+
+def test_authors_batchnorm_transform_multiplies_the_vectors_and_resets(trained):
+    """``batchnorm="transform"``: BatchNorm vectors multiplied by the dense map (the CCA Merge
+    authors' code), statistics re-estimated; exact for copies, an error without repair."""
+    a, b, calib, x = trained["residual"]
+    result = autoalign.merge_with_report([a, copy.deepcopy(a)], calib, aligner="cca", batchnorm="transform")
+    assert result.report.folded_batchnorms == 0 and result.report.repair == "reset_bn"
+    _check_computes(a, result.model, x, "reset_bn", "merge([A, A], batchnorm='transform')")
+    merged = autoalign.merge_with_report([a, b], calib, aligner="cca", batchnorm="transform", repair="reset_bn")
+    plan = merged.plan.points["block1.conv1"]
+    bn = merged.model.block1.bn1
+    want = 0.5 * (a.block1.bn1.weight.double() + plan.merges[1] @ b.block1.bn1.weight.double())
+    torch.testing.assert_close(bn.weight.double(), want, rtol=1e-5, atol=1e-6)
+    with pytest.raises(autoalign.MergeError, match="batchnorm='transform'.*repair"):
+        autoalign.merge([a, b], calib, aligner="cca", batchnorm="transform", repair=None)
+    with pytest.raises(autoalign.MergeError, match="batchnorm must be one of"):
+        autoalign.merge([a, b], calib, batchnorm="folded")
