@@ -230,3 +230,46 @@ def test_authors_batchnorm_transform_multiplies_the_vectors_and_resets(trained):
         autoalign.merge([a, b], calib, aligner="cca", batchnorm="transform", repair=None)
     with pytest.raises(autoalign.MergeError, match="batchnorm must be one of"):
         autoalign.merge([a, b], calib, batchnorm="folded")
+
+
+# ----------------------------------------------------------------------------- issue 16's three facts
+
+
+def test_fact1_default_merge_of_a_model_and_its_copy_computes_it(trained):
+    """The default repair of folded BatchNorms once turned merge([A, A]) into a chance-level model."""
+    a, _, calib, x = trained["residual"]
+    for aligner in ("cca", "procrustes"):
+        merged = autoalign.merge([a, copy.deepcopy(a)], calib, aligner=aligner)
+        _check_computes(a, merged, x, "reset_bn", f"merge([A, A], aligner={aligner!r}) with the default repair")
+
+
+def test_fact2_reestimating_statistics_after_a_folding_merge_keeps_the_function(trained):
+    """Folded BatchNorms used to come back as identity layers, so a plain reset normalised
+    every channel to unit variance."""
+    a, _, calib, x = trained["residual"]
+    merged = autoalign.merge([a, copy.deepcopy(a)], calib, aligner="cca", repair=None)
+    bn = merged.block1.bn1
+    assert not torch.allclose(bn.weight, torch.ones_like(bn.weight))
+    assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
+    autoalign.reset_bn(merged, calib)
+    _check_computes(a, merged, x, "reset_bn", "reset_bn(merge([A, A], repair=None))")
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v2", pytest.param("vgg11_bn", marks=pytest.mark.slow)])
+def test_fact3_cca_of_a_torchvision_model_with_itself_is_exact(name):
+    """Random-init torchvision nets have dead and constant channels and more features than
+    samples: rank-deficient statistics whose rounding once gave CCA reflections."""
+    import torchvision
+
+    torch.manual_seed(0)
+    a = getattr(torchvision.models, name)(num_classes=10)
+    data = [torch.randn(32, 3, 32, 32) for _ in range(2)]
+    autoalign.reset_bn(a, data).eval()
+    for aligner in ("cca", "procrustes"):
+        with pytest.warns(UserWarning, match="rank-deficient"):
+            merged = autoalign.merge([a, copy.deepcopy(a)], data, aligner=aligner, repair=None)
+        with torch.no_grad():
+            want, got = a(data[0]), merged.eval()(data[0])
+        assert bool((want.argmax(1) == got.argmax(1)).all()), aligner
+        diff, scale = max_output_diff(want, got)
+        assert diff <= 1e-4 * max(1.0, scale), f"{name}, {aligner}: {diff:.3g} (scale {scale:.3g})"
