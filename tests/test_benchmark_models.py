@@ -27,7 +27,7 @@ from benchmarks.models import (  # noqa: E402
 from benchmarks.train import evaluate, load_checkpoint, train_models  # noqa: E402
 
 # Small widths keep every case well under a second.
-_SMALL = {"mlp": 32, "smallcnn": 8, "vgg11": 0.125, "resnet20": 0.5}
+_SMALL = {"mlp": 32, "smallcnn": 8, "vgg11": 0.125, "resnet20": 0.5, "resbn": 4}
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASET_SHAPES))
