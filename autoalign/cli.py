@@ -438,14 +438,16 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
     # cheap checks first: aligner name and options, files, output folder
     options = dict(parse_option(o) for o in args.option)
-    if args.aligner not in list_aligners():
-        close = difflib.get_close_matches(args.aligner, list_aligners(), n=1)
+    names = list_aligners() + ["auto"]
+    if args.aligner not in names:
+        close = difflib.get_close_matches(args.aligner, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise CLIError(f"unknown aligner {args.aligner!r}; choose one of {', '.join(list_aligners())}.{hint}")
-    try:
-        get_aligner(args.aligner, **options)
-    except TypeError as exc:
-        raise CLIError(f"{exc} (from --option)") from None
+        raise CLIError(f"unknown aligner {args.aligner!r}; choose one of {', '.join(names)}.{hint}")
+    if args.aligner != "auto":
+        try:  # ridge=auto is chosen at merge time; check the rest now
+            get_aligner(args.aligner, **{k: v for k, v in options.items() if not (k == "ridge" and v == "auto")})
+        except TypeError as exc:
+            raise CLIError(f"{exc} (from --option)") from None
     if len(args.checkpoint) < 2:
         raise CLIError("merge needs at least two --checkpoint files")
     for path in args.checkpoint:
@@ -501,6 +503,8 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     print()
     print(f"aligner: {report.aligner}; reference: checkpoint {report.reference} ({args.checkpoint[report.reference]}); "
           f"repair: {report.repair or 'none'}; BatchNorms folded: {report.folded_batchnorms}")
+    if report.selection is not None:
+        print(report.selection.table())
     if report.scheme == "iterative":
         print(f"scheme: iterative, {report.iterations} rounds, last relative plan change {report.plan_change:.2e}")
     projected = sum(1 for p in report.points if p.projected)
@@ -516,6 +520,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
             "num_classes": args.num_classes,
             "aligner": args.aligner,
             "aligner_options": options,
+            "chosen": None if report.selection is None else report.selection.chosen,
             "reference": report.reference,
             "repair": report.repair,
             "scheme": report.scheme,
@@ -649,7 +654,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, metavar="PX", help="resize and centre-crop imagefolder images to PX x PX")
     p.add_argument("--mean", default=None, metavar="M1,M2,M3", help="normalise inputs with this per-channel mean (with --std)")
     p.add_argument("--std", default=None, metavar="S1,S2,S3", help="normalise inputs with this per-channel std (with --mean)")
-    p.add_argument("--aligner", default="cca", metavar="NAME", help="a registered aligner (see 'autoalign aligners')")
+    p.add_argument("--aligner", default="cca", metavar="NAME",
+                   help="a registered aligner (see 'autoalign aligners'), or auto: the one whose merge has the lowest "
+                        "held-out calibration loss (--option ridge=auto chooses a ridge the same way)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",
                    help="an aligner option, e.g. ridge=0.1 (numbers and true/false are parsed); repeatable")
     p.add_argument("--reference", default="0", metavar="INDEX|best",

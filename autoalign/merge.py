@@ -16,7 +16,8 @@ from .aligners import AlignProblem, Aligner, Plan, PointPlan, get_aligner
 from .aligners.linalg import is_orthogonal, is_permutation, nearest_orthogonal, nearest_permutation
 from .apply import average_state_dicts, folds_needed, transform_state_dict
 from .averaging import AVERAGINGS, average_aligned
-from .errors import DataError, MergeError
+from .errors import AutoalignError, DataError, MergeError
+from .select import Selection, heldout_loss, selection_candidates, split_batches
 from .graph.discover import find_merge_points
 from .validate import NO_BATCH, check_example, check_merged, validate_models, validate_options
 from .repair import (
@@ -81,6 +82,9 @@ class MergeReport:
         Relative change of the merge matrices in the last round (iterative only).
     repair_notes : dict of str to str
         Modules REPAIR could not fully correct, and why.
+    selection : Selection or None
+        With ``aligner="auto"`` or ``ridge="auto"``: the candidates, their
+        held-out losses and the choice (see :mod:`autoalign.select`).
 
     Examples
     --------
@@ -106,6 +110,7 @@ class MergeReport:
     repair_notes: dict[str, str] = field(default_factory=dict)
     averaging: str = "uniform"
     averaging_info: dict[str, Any] = field(default_factory=dict)
+    selection: Selection | None = None
 
     def table(self) -> str:
         """A plain-text table of the per-point outcomes."""
@@ -348,6 +353,37 @@ def _merge_hierarchical(
     return MergeResult(result.model, report, spec, result.plan, None, result.repair_targets)
 
 
+def _merge_selected(
+    models: Sequence[nn.Module], data: Iterable[Any], choice: tuple[str, list[tuple[str, Any, dict[str, Any]]]], **opts: Any
+) -> MergeResult:
+    """Merge with every candidate on the first calibration batches, score each merged model
+    on the held-out rest, merge again on all batches with the best (see :mod:`autoalign.select`)."""
+    option, candidates = choice
+    fit, held = split_batches(data, opts["num_batches"])
+    fn = opts["input_fn"] or default_input_fn
+    losses: dict[str, float] = {}
+    errors: dict[str, str] = {}
+    ensemble = None
+    kind = ""
+    for label, al, al_opts in candidates:
+        try:
+            res = merge_with_report(models, fit, aligner=al, **{**opts, "num_batches": None}, **al_opts)
+        except AutoalignError as exc:
+            losses[label], errors[label] = float("inf"), f"{type(exc).__name__}: {exc}"
+            continue
+        loss, kind, ensemble = heldout_loss(res.model, models, held, input_fn=fn, device=opts["device"], ensemble=ensemble)
+        losses[label] = loss if loss == loss else float("inf")  # NaN: never chosen
+        del res
+    finite = {k: v for k, v in losses.items() if v < float("inf")}
+    if not finite:
+        raise MergeError(f"every {option} candidate failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
+    best = min(finite, key=lambda k: finite[k])
+    _, al, al_opts = next(c for c in candidates if c[0] == best)
+    result = merge_with_report(models, data, aligner=al, **opts, **al_opts)
+    result.report.selection = Selection(option, best, losses, kind, len(fit), len(held), errors)
+    return result
+
+
 def merge_with_report(
     models: Sequence[nn.Module],
     data: Iterable[Any],
@@ -428,6 +464,14 @@ def merge_with_report(
         if bool((w < 0).any()) or float(w.sum()) <= 0:
             raise MergeError(f"weights must be non-negative with a positive sum, got {w.tolist()}")
         w = w / w.sum()
+    choice = selection_candidates(aligner, aligner_options)
+    if choice is not None:
+        return _merge_selected(
+            models, data, choice, reference=reference, weights=weights, scheme=scheme, max_iterations=max_iterations,
+            averaging=averaging, averaging_options=averaging_options, repair=repair, batchnorm=batchnorm,
+            num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
+            leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision,
+        )
     al = get_aligner(aligner, **aligner_options)
     if scheme == "iterative" and al.needs != "reference":
         raise MergeError(
@@ -599,7 +643,13 @@ def merge(
         Calibration data (a DataLoader or a list): tensors, ``(input, target)``
         pairs or dicts. Used for feature statistics and BatchNorm repair.
     aligner : str or Aligner, default "cca"
-        A registered name (see :func:`autoalign.list_aligners`) or an instance.
+        A registered name (see :func:`autoalign.list_aligners`), an instance, or
+        ``"auto"``: merge with each of a short list of aligners (``permutation``
+        and ``cca``; ``candidates=[...]`` to change it) on 80 % of the calibration
+        batches, keep the one whose merged model has the lowest loss on the other
+        20 % and merge again with it on all of them (``report.selection`` lists the
+        held-out losses; :mod:`autoalign.select`). ``ridge="auto"`` chooses an
+        aligner's ridge from ``1e-3 … 10`` the same way.
     reference : int or "best", default 0
         The model all others are aligned to; ``"best"`` picks the one with the
         lowest cross-entropy on the calibration data.

@@ -185,6 +185,20 @@ def test_merge_precision_reaches_the_statistics(tiny_module):
     assert not (tiny_module / "m16.pt").exists()
 
 
+def test_merge_auto_prints_and_saves_the_choice(tiny_module):
+    """``--aligner auto`` (unlabelled tensor data: scored against the ensemble) and ``ridge=auto``."""
+    _make_checkpoints(tiny_module)
+    proc = _merge_cli(tiny_module, "--aligner", "auto", "--batch-size", "16", "--out", tiny_module / "auto.pt")
+    assert proc.returncode == 0, proc.stderr
+    assert "aligner chosen by held-out ensemble_kl" in proc.stdout and "permutation" in proc.stdout
+    saved = torch.load(tiny_module / "auto.pt", weights_only=True)
+    assert saved["chosen"] in ("permutation", "cca")
+    proc = _merge_cli(tiny_module, "--option", "ridge=auto", "--batch-size", "16", "--out", tiny_module / "ridge.pt")
+    assert proc.returncode == 0, proc.stderr
+    assert "ridge chosen by held-out" in proc.stdout
+    assert torch.load(tiny_module / "ridge.pt", weights_only=True)["chosen"].startswith("ridge=")
+
+
 def test_merge_bad_aligner_name(tiny_module):
     tmp = tiny_module
     _make_checkpoints(tmp)
