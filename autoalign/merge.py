@@ -388,7 +388,7 @@ def merge_with_report(
     models: Sequence[nn.Module],
     data: Iterable[Any],
     *,
-    aligner: str | Aligner = "cca",
+    aligner: str | Aligner = "permutation",
     reference: int | str = 0,
     weights: Sequence[float] | None = None,
     scheme: str = "all_to_one",
@@ -613,7 +613,7 @@ def merge(
     models: Sequence[nn.Module],
     data: Iterable[Any],
     *,
-    aligner: str | Aligner = "cca",
+    aligner: str | Aligner = "permutation",
     reference: int | str = 0,
     weights: Sequence[float] | None = None,
     scheme: str = "all_to_one",
@@ -642,7 +642,12 @@ def merge(
     data : re-iterable of batches
         Calibration data (a DataLoader or a list): tensors, ``(input, target)``
         pairs or dicts. Used for feature statistics and BatchNorm repair.
-    aligner : str or Aligner, default "cca"
+    aligner : str or Aligner, default "permutation"
+        The default follows the measurements in docs/results.md: on networks
+        with BatchNorm (conv nets, residual nets) permutation matching beats
+        CCA Merge by 7–70 points, while on MLPs without BatchNorm CCA Merge
+        ties at N = 2 and wins by about half a point from N = 4 on (use
+        ``"cca"``, or ``"auto"`` to let held-out data decide).
         A registered name (see :func:`autoalign.list_aligners`), an instance, or
         ``"auto"``: merge with each of a short list of aligners (``permutation``
         and ``cca``; ``candidates=[...]`` to change it) on 80 % of the calibration

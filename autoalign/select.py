@@ -97,6 +97,9 @@ def selection_candidates(aligner: Any, options: dict[str, Any]) -> tuple[str, li
     if "candidates" in opts:
         raise MergeError('candidates= lists the aligners that aligner="auto" tries; pass aligner="auto" too')
     if opts.get("ridge") == "auto":
+        from .aligners import get_aligner
+
+        get_aligner(aligner, **{**opts, "ridge": RIDGE_GRID[0]})  # an aligner without a ridge fails here, by name
         return "ridge", [(f"ridge={r:g}", aligner, {**opts, "ridge": r}) for r in RIDGE_GRID]
     return None
 

@@ -175,7 +175,7 @@ def test_merge_precision_reaches_the_statistics(tiny_module):
     models = _make_checkpoints(tiny_module)
     calib = torch.load(tiny_module / "calib.pt", weights_only=True)
     want = autoalign.merge(list(models), list(calib.split(32)), aligner="cca", precision="float64").state_dict()
-    proc = _merge_cli(tiny_module, "--batch-size", "32", "--precision", "float64", "--out", tiny_module / "m64.pt")
+    proc = _merge_cli(tiny_module, "--aligner", "cca", "--batch-size", "32", "--precision", "float64", "--out", tiny_module / "m64.pt")
     assert proc.returncode == 0, proc.stderr
     got = torch.load(tiny_module / "m64.pt", weights_only=True)["state_dict"]
     for k, v in want.items():
@@ -193,7 +193,8 @@ def test_merge_auto_prints_and_saves_the_choice(tiny_module):
     assert "aligner chosen by held-out ensemble_kl" in proc.stdout and "permutation" in proc.stdout
     saved = torch.load(tiny_module / "auto.pt", weights_only=True)
     assert saved["chosen"] in ("permutation", "cca")
-    proc = _merge_cli(tiny_module, "--option", "ridge=auto", "--batch-size", "16", "--out", tiny_module / "ridge.pt")
+    proc = _merge_cli(tiny_module, "--aligner", "cca", "--option", "ridge=auto", "--batch-size", "16",
+                      "--out", tiny_module / "ridge.pt")
     assert proc.returncode == 0, proc.stderr
     assert "ridge chosen by held-out" in proc.stdout
     assert torch.load(tiny_module / "ridge.pt", weights_only=True)["chosen"].startswith("ridge=")

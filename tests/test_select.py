@@ -77,6 +77,7 @@ def test_unlabelled_batches_are_scored_against_the_ensemble(setup):
         ({"aligner": "auto", "candidates": "cca"}, "non-empty list"),
         ({"aligner": "cca", "candidates": ["cca"]}, 'pass aligner="auto"'),
         ({"aligner": "auto", "ridge": "auto"}, "cannot be combined"),
+        ({"aligner": "permutation", "ridge": "auto"}, "has no option 'ridge'"),
     ],
 )
 def test_bad_selection_options_are_named(setup, kwargs, match):
