@@ -359,6 +359,7 @@ def _merge_selected(
     """Merge with every candidate on the first calibration batches, score each merged model
     on the held-out rest, merge again on all batches with the best (see :mod:`autoalign.select`)."""
     option, candidates = choice
+    t0 = time.perf_counter()
     fit, held = split_batches(data, opts["num_batches"])
     fn = opts["input_fn"] or default_input_fn
     losses: dict[str, float] = {}
@@ -379,8 +380,10 @@ def _merge_selected(
         raise MergeError(f"every {option} candidate failed: " + "; ".join(f"{k}: {v}" for k, v in errors.items()))
     best = min(finite, key=lambda k: finite[k])
     _, al, al_opts = next(c for c in candidates if c[0] == best)
+    seconds = time.perf_counter() - t0
     result = merge_with_report(models, data, aligner=al, **opts, **al_opts)
     result.report.selection = Selection(option, best, losses, kind, len(fit), len(held), errors)
+    result.report.timings["selection"] = seconds  # the candidates' merges and scoring
     return result
 
 
