@@ -9,9 +9,12 @@ For a merge point with reference features ``x`` and model features ``y``:
   explicit inverse is formed.
 
 ``U Vᵀ`` is the polar factor of the whitened cross-covariance. On directions whose
-canonical correlation is zero (dead units, constant features; below ``1e-6`` of the
-largest) any rotation is optimal and an SVD picks one at random; there the rotation
-nearest the identity is used (:func:`~autoalign.aligners.linalg.polar_nearest_identity`),
+canonical correlation is zero (dead units, constant features, more features than
+samples) any rotation is optimal and an SVD picks one at random — and float32 feature
+products turn those zeros into ±1e-7-sized values, the negative ones into reflections.
+So correlations below ``1e-6`` of the largest, or within ten times the rounding level
+of the covariances (their most negative eigenvalue, relative to the ridged ones), count
+as zero, and on those directions the rotation nearest the identity is used (:func:`~autoalign.aligners.linalg.polar_nearest_identity`),
 so a model aligned to its own copy gets ``T = I`` in every direction.
 
 The ridge ``γ`` is relative to the covariance's mean eigenvalue

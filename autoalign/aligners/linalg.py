@@ -19,14 +19,6 @@ def sym_power(s: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor
     return (evecs * evals.pow(power)) @ evecs.T
 
 
-def sym_sqrt_pair(s: torch.Tensor, floor: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(s^{1/2}, s^{-1/2})`` of a symmetric PSD matrix from one eigh (eigenvalues clamped at ``floor``)."""
-    evals, evecs = torch.linalg.eigh(s)
-    evals = torch.clamp(evals, min=max(floor, torch.finfo(s.dtype).tiny))
-    root = evals.sqrt()
-    return (evecs * root) @ evecs.T, (evecs / root) @ evecs.T
-
-
 def psd_noise(c: torch.Tensor) -> float:
     """Rounding level of a covariance: ``max(0, −λ_min(c))``.
 

@@ -67,10 +67,13 @@ Algorithm, for one merge point of width ``d`` (all matrices float64):
 
 The MAXVAR problem is solved by a dense ``eigh`` of the ``(N d, N d)`` matrix:
 ``O((N d)³)`` time, a few seconds at ``N d ≈ 4000`` on a CPU. A consensus term
-``1e-9 · 1 1ᵀ ⊗ I`` is added to ``B`` before ``eigh`` as a tie-breaker: when
+``ε · 1 1ᵀ ⊗ I`` is added to ``B`` before ``eigh`` as a tie-breaker: when
 eigenvalues are tied at the boundary of the top-``d`` subspace (constant
-features, identical models), it picks the variates that treat all models alike;
-elsewhere its effect is ~1e-9.
+features, identical models), it picks the variates that treat all models alike.
+``ε = 1e-9``, or ten times the covariances' rounding level when that is larger
+(float32 feature products leave negative eigenvalues of ~1e-7 where there should
+be zeros; in whitened units they would otherwise pick a "difference" variate, a
+reflection, over the consensus one); elsewhere its effect is of order ``ε``.
 
 The shared space is found symmetrically (unweighted); the merge weights ``w_m``
 enter through the frame ``Q``. The ``reference`` of the problem is used only
@@ -96,6 +99,7 @@ import torch
 from ..spec import MergePoint
 from ..stats import PointStats
 from .base import AlignProblem, PointPlan, PointwiseAligner, identity_plan
+from .linalg import psd_noise
 from .registry import register_aligner
 
 __all__ = ["MCCAAligner", "mcca_transforms"]
@@ -208,6 +212,7 @@ def mcca_transforms(
 
     # 1. whitening
     whiten, unwhiten = [], []
+    noise = 0.0
     for m in range(n):
         c = cov[m][m].to(dt)
         if c.shape != (d, d):
@@ -218,6 +223,10 @@ def mcca_transforms(
         s_half, s_ihalf = _sym_eig_powers(c + gamma * eye, floor)
         unwhiten.append(s_half)
         whiten.append(s_ihalf)
+        # rounding in the products (a negative eigenvalue of c), as a shift of a whitened
+        # correlation: the consensus tie-breaker below must outweigh it
+        e = psd_noise(c)
+        noise = max(noise, e / max(gamma - e, floor)) if e > 0 else noise
 
     # 2. MAXVAR: top-d eigenvectors of the whitened block matrix
     big = torch.empty(n * d, n * d, dtype=dt, device=dev)
@@ -228,7 +237,7 @@ def mcca_transforms(
             big[j * d:(j + 1) * d, i * d:(i + 1) * d] = blk.T
     big = (big + big.T) / 2
     consensus = torch.kron(torch.ones(n, n, dtype=dt, device=dev), eye)
-    _, evecs = torch.linalg.eigh(big + _TIE_BREAK * consensus)
+    _, evecs = torch.linalg.eigh(big + max(_TIE_BREAK, 10.0 * noise) * consensus)
     v = evecs[:, -d:].flip(1)  # (N d, d), descending eigenvalues
     lam = torch.einsum("ik,ij,jk->k", v, big, v)  # Rayleigh quotients of the unperturbed B
     rho = torch.clamp((lam - 1.0) / (n - 1), 0.0, 1.0)
