@@ -127,6 +127,43 @@ def _calibration_pass(
     return seen
 
 
+def _channel_moments(
+    model: nn.Module,
+    taps: dict[str, tuple[str, int]],
+    data: Iterable[Any],
+    *,
+    input_fn: Callable[[Any], Any] | None,
+    num_batches: int | None,
+    device: torch.device | str | None,
+) -> dict[str, list[Any]]:
+    """One eval-mode pass of ``model`` over ``data``: per named submodule, ``[count, Σ y, Σ y²]``
+    per channel of its ``"input"`` or ``"output"`` (channels along the given axis), summed over
+    all processes under ``torch.distributed``. Submodules that never run are left out."""
+    fn = input_fn or default_input_fn
+    acc: dict[str, list[Any]] = {}
+    hooks = []
+    for name, (where, axis) in taps.items():
+        mod = model.get_submodule(name)
+        if where == "input":
+            hooks.append(mod.register_forward_pre_hook(
+                lambda _m, args, name=name, axis=axis: _accumulate(acc, name, _per_channel(args[0], axis))
+            ))
+        else:
+            hooks.append(mod.register_forward_hook(
+                lambda _m, _args, y, name=name, axis=axis: _accumulate(acc, name, _per_channel(y, axis))
+            ))
+    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad(), eval_mode(model):
+            for inputs in iter_model_inputs(data, input_fn=fn, num_batches=num_batches, device=dev):
+                model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    all_reduce_moments(acc)  # under torch.distributed: the moments of all processes' shards
+    return acc
+
+
 def restore_batchnorm(
     model: nn.Module,
     names: Sequence[str],
@@ -177,7 +214,6 @@ def restore_batchnorm(
     >>> torch.allclose(net(x), before, atol=1e-5), bool((net[1].weight != 1).all())
     (True, True)
     """
-    fn = input_fn or default_input_fn
     bns = {}
     for name in names:
         mod = model.get_submodule(name)
@@ -185,26 +221,9 @@ def restore_batchnorm(
             bns[name] = mod
     if not bns:
         return []
-    acc: dict[str, list[Any]] = {}
-    hooks = []
-
-    def make_hook(name: str) -> Callable[..., None]:
-        def hook(_m: nn.Module, args: tuple[Any, ...]) -> None:
-            _accumulate(acc, name, _per_channel(args[0], 1))
-
-        return hook
-
-    for name, mod in bns.items():
-        hooks.append(mod.register_forward_pre_hook(make_hook(name)))
-    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
-    try:
-        with torch.no_grad(), eval_mode(model):
-            for inputs in iter_model_inputs(data, input_fn=fn, num_batches=num_batches, device=dev):
-                model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    all_reduce_moments(acc)
+    acc = _channel_moments(
+        model, {name: ("input", 1) for name in bns}, data, input_fn=input_fn, num_batches=num_batches, device=device
+    )
     done = []
     with torch.no_grad():
         for name, mod in bns.items():
@@ -283,32 +302,12 @@ def output_channel_stats(
     >>> mean.tolist(), std.tolist()
     ([1.0, -2.0], [0.0, 0.0])
     """
-    fn = input_fn or default_input_fn
     n = len(models)
     w = [1.0 / n] * n if weights is None else [float(x) / float(sum(weights)) for x in weights]
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for wi, model in zip(w, models):
-        acc: dict[str, list[Any]] = {}
-        hooks = []
-
-        def make_hook(name: str, axis: int) -> Callable[..., None]:
-            def hook(_m: nn.Module, _inp: Any, y: torch.Tensor) -> None:
-                _accumulate(acc, name, _per_channel(y, axis))
-
-            return hook
-
-        for name in names:
-            mod = model.get_submodule(name)
-            hooks.append(mod.register_forward_hook(make_hook(name, channel_axis(mod))))
-        dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
-        try:
-            with torch.no_grad(), eval_mode(model):
-                for inputs in iter_model_inputs(data, input_fn=fn, num_batches=num_batches, device=dev):
-                    model(*inputs)
-        finally:
-            for h in hooks:
-                h.remove()
-        all_reduce_moments(acc)  # under torch.distributed: the moments of all processes' shards
+        taps = {name: ("output", channel_axis(model.get_submodule(name))) for name in names}
+        acc = _channel_moments(model, taps, data, input_fn=input_fn, num_batches=num_batches, device=device)
         for name, (cnt, s, q) in acc.items():
             mean = s / cnt
             std = torch.sqrt(torch.clamp(q / cnt - mean * mean, min=0.0))
