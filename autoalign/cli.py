@@ -495,7 +495,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
     print(f"merging {len(models)} x {arch} with aligner {args.aligner!r} on {args.data} ...", flush=True)
     result = merge_with_report(
         models, data, aligner=args.aligner, reference=reference, repair=repair, batchnorm=args.batchnorm,
-        scheme=args.scheme, num_batches=args.num_batches, device=args.device, progress=args.progress, precision=args.precision, **options,
+        features=args.features, scheme=args.scheme, num_batches=args.num_batches, device=args.device, progress=args.progress, precision=args.precision, **options,
     )
     report = result.report
     table = report.table()
@@ -673,6 +673,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="BatchNorm under a dense transform: fold (exact: folded into its producer, merged, written "
                         "back with the merged scale) or transform (the CCA Merge authors': its vectors multiplied by "
                         "the dense matrix, statistics re-estimated; needs a repair)")
+    p.add_argument("--features", choices=("activation", "preactivation"), default="activation",
+                   help="where features are observed: activation (what the next layers read, after the "
+                        "nonlinearity) or preactivation (each producer's output after its BatchNorm)")
     p.add_argument("--scheme", choices=("all_to_one", "iterative"), default="all_to_one",
                    help="all_to_one aligns every model to the reference once; iterative re-aligns to the merged model "
                         "until the plan settles (aligners that align to a reference: cca, permutation, ot)")

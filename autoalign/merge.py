@@ -16,7 +16,7 @@ from .aligners import AlignProblem, Aligner, Plan, PointPlan, get_aligner
 from .aligners.linalg import is_orthogonal, is_permutation, nearest_orthogonal, nearest_permutation
 from .apply import average_state_dicts, folds_needed, transform_state_dict
 from .averaging import AVERAGINGS, average_aligned
-from .errors import AutoalignError, DataError, MergeError
+from .errors import AutoalignError, DataError, MergeError, OptionError
 from .select import Selection, heldout_loss, selection_candidates, split_batches
 from .graph.discover import find_merge_points
 from .validate import NO_BATCH, check_example, check_merged, validate_models, validate_options
@@ -29,7 +29,7 @@ from .repair import (
     restore_batchnorm,
     set_batchnorm_affine,
 )
-from .spec import MergeSpec, kind_rank
+from .spec import FEATURES, MergeSpec, kind_rank
 from .stats import Stats, collect_stats, default_input_fn, product_dtype_for
 from .trace import as_input_tuple, eval_mode
 
@@ -400,6 +400,7 @@ def merge_with_report(
     averaging_options: dict[str, Any] | None = None,
     repair: str | None = "auto",
     batchnorm: str = "fold",
+    features: str = "activation",
     num_batches: int | None = None,
     device: torch.device | str | None = None,
     input_fn: Callable[[Any], Any] | None = None,
@@ -443,6 +444,8 @@ def merge_with_report(
         raise MergeError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     if batchnorm not in BATCHNORMS:
         raise MergeError(f"batchnorm must be one of {BATCHNORMS}, got {batchnorm!r}")
+    if features not in FEATURES:
+        raise OptionError(f"features must be one of {FEATURES}, got {features!r}")
     if batchnorm == "transform" and repair in (None, "none"):
         raise MergeError(
             "batchnorm='transform' multiplies BatchNorm running statistics by dense matrices, which leaves "
@@ -472,7 +475,7 @@ def merge_with_report(
         return _merge_selected(
             models, data, choice, reference=reference, weights=weights, scheme=scheme, max_iterations=max_iterations,
             averaging=averaging, averaging_options=averaging_options, repair=repair, batchnorm=batchnorm,
-            num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
+            features=features, num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
             leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision,
         )
     al = get_aligner(aligner, **aligner_options)
@@ -507,6 +510,7 @@ def merge_with_report(
             example = tuple(t.to(device) if isinstance(t, torch.Tensor) else t for t in example)
         check_example(work[0], example)
         spec = find_merge_points(work[0], example, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    spec = spec.observed_at(features)
     timings["discover"] = time.perf_counter() - t0
 
     if scheme == "hierarchical":
@@ -625,6 +629,7 @@ def merge(
     averaging_options: dict[str, Any] | None = None,
     repair: str | None = "auto",
     batchnorm: str = "fold",
+    features: str = "activation",
     num_batches: int | None = None,
     device: torch.device | str | None = None,
     input_fn: Callable[[Any], Any] | None = None,
@@ -703,6 +708,12 @@ def merge(
         every BatchNorm vector is multiplied by the dense matrix like a bias
         (exact only for permutations), and the statistics are then re-estimated,
         so it needs a repair (``"auto"`` means ``"reset_bn"`` there).
+    features : {"activation", "preactivation"}, default "activation"
+        Where each point's features are observed for the statistics: where the
+        next layers read them (after the nonlinearity; every read of a residual
+        stream), or at the producers' outputs (after a folded BatchNorm, before
+        the nonlinearity; each residual branch before its addition). See
+        :meth:`autoalign.MergeSpec.observed_at`.
     num_batches : int, optional
         Use at most this many calibration batches per pass.
     device : torch.device or str, optional
@@ -748,6 +759,6 @@ def merge(
     return merge_with_report(
         models, data, aligner=aligner, reference=reference, weights=weights, scheme=scheme,
         max_iterations=max_iterations, averaging=averaging, averaging_options=averaging_options, repair=repair,
-        batchnorm=batchnorm, num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision, **aligner_options,
+        batchnorm=batchnorm, features=features, num_batches=num_batches, device=device, input_fn=input_fn, spec=spec,
+        progress=progress, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision, **aligner_options,
     ).model

@@ -33,12 +33,12 @@ Roles
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Iterable, Mapping
 
 import numpy as np
 
-from .errors import SpecError
+from .errors import OptionError, SpecError
 
 __all__ = ["KINDS", "ROLES", "MergePoint", "Site", "AxisRole", "FoldedNorm", "MergeSpec"]
 
@@ -46,6 +46,8 @@ __all__ = ["KINDS", "ROLES", "MergePoint", "Site", "AxisRole", "FoldedNorm", "Me
 KINDS: tuple[str, ...] = ("frozen", "permutation", "orthogonal", "linear")
 #: Roles a parameter axis can play.
 ROLES: tuple[str, ...] = ("output", "input", "channel", "additive", "folded")
+#: Where a merge point's features are observed (:meth:`MergeSpec.observed_at`).
+FEATURES: tuple[str, ...] = ("activation", "preactivation")
 _KIND_RANK = {k: i for i, k in enumerate(KINDS)}
 
 SPEC_FORMAT_VERSION = 1
@@ -514,6 +516,50 @@ class MergeSpec:
         for r in rows:
             lines.append("  ".join(r[c].ljust(widths[c]) if c != 1 else r[c].rjust(widths[c]) for c in range(4)) + "  " + r[4])
         return "\n".join(line.rstrip() for line in lines)
+
+    def observed_at(self, features: str) -> "MergeSpec":
+        """The same spec with each point's features observed at ``features``.
+
+        Parameters
+        ----------
+        features : {"activation", "preactivation"}
+            ``"activation"``: the sites as discovered, i.e. the tensors the
+            consumers read (after the nonlinearity; on a residual stream every
+            read of the stream). ``"preactivation"``: the producers' outputs
+            (after a BatchNorm folded into them, before the nonlinearity; on a
+            residual stream each branch's output before the addition), for every
+            point that has such sites; the others keep theirs.
+
+        Returns
+        -------
+        MergeSpec
+            ``self`` for ``"activation"``, else a new spec (points, axes and folds shared).
+
+        Raises
+        ------
+        OptionError
+            For any other value.
+
+        Examples
+        --------
+        >>> import torch, autoalign
+        >>> net = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+        ...                           torch.nn.Conv2d(4, 2, 1))
+        >>> spec = autoalign.find_merge_points(net, torch.randn(2, 3, 8, 8))
+        >>> [(s.node, s.kind) for s in spec.point("0").sites]
+        [('_2', 'input'), ('_1', 'output')]
+        >>> [(s.node, s.kind) for s in spec.observed_at("preactivation").point("0").sites]
+        [('_1', 'output')]
+        """
+        if features not in FEATURES:
+            raise OptionError(f"features must be one of {FEATURES}, got {features!r}")
+        if features == "activation":
+            return self
+        points = []
+        for p in self.points:
+            outs = tuple(s for s in p.sites if s.kind == "output")
+            points.append(replace(p, sites=outs) if outs and p.kind != "frozen" else p)
+        return MergeSpec(points, self.axes, self.folds, self.unused, self.model_class, self.aliases)
 
     # -------------------------------------------------------------------- json
     def to_dict(self) -> dict[str, Any]:

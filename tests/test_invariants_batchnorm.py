@@ -232,6 +232,32 @@ def test_authors_batchnorm_transform_multiplies_the_vectors_and_resets(trained):
         autoalign.merge([a, b], calib, batchnorm="folded")
 
 
+@pytest.mark.parametrize("aligner", ALIGNERS)
+@pytest.mark.parametrize("topology", list(TOPOLOGIES))
+def test_preactivation_features_keep_the_invariants(trained, topology, aligner):
+    """``features="preactivation"`` observes each producer's output after its folded BatchNorm
+    (a BatchNorm node, not the raw convolution); copies still merge exactly and align to the identity."""
+    a, b, calib, x = trained[topology]
+    result = autoalign.merge_with_report([a, copy.deepcopy(a)], calib, aligner=aligner, repair=None, features="preactivation")
+    _check_computes(a, result.model, x, None, f"merge([A, A]), {aligner}, features='preactivation'")
+    spec = result.spec
+    bn_outputs = {f.running_mean.rsplit(".", 1)[0].replace(".", "_") for f in spec.folds}
+    observed = {s.node for p in spec.points if p.kind != "frozen" for s in p.sites}
+    assert bn_outputs and bn_outputs <= observed, (bn_outputs, observed)
+    assert all(s.kind == "output" for p in spec.points if p.kind != "frozen" for s in p.sites if s.node in bn_outputs)
+    for name, pp in result.plan.points.items():
+        err = float((pp.merges[1].double() - torch.eye(pp.merges[1].shape[0], dtype=torch.float64)).abs().max())
+        assert err <= 1e-8, f"{aligner}: merge matrix at {name!r} is {err:.3g} from the identity"
+    merged = autoalign.merge([a, b], calib, aligner=aligner, repair=None, features="preactivation", weights=(1, 0))
+    _check_computes(a, merged, x, None, f"weights=(1, 0), {aligner}, features='preactivation'")
+
+
+def test_features_option_is_checked(trained):
+    a, b, calib, _ = trained["plain"]
+    with pytest.raises(autoalign.OptionError, match="features must be one of"):
+        autoalign.merge([a, b], calib, features="pre")
+
+
 # ----------------------------------------------------------------------------- issue 16's three facts
 
 

@@ -342,6 +342,9 @@ def batchnorm_module(ctx: RuleContext) -> Any:
             if keys[a] != offset:
                 ctx.role(keys[a], 0, "folded", vec)
         ctx.role(offset, 0, "output", vec)
+        # the folded producer's output is this BatchNorm's output: observe it there
+        sites = ctx.state.output_sites
+        sites[:] = [(ctx.node.name, 1) if n == x.name else (n, a) for n, a in sites]
         return lab
     why = "BatchNorm that cannot be folded into a preceding Linear/Conv (its input is not one used only by it)"
     _norm_channels(ctx, lab, 1, list(keys.values()), why)
