@@ -36,6 +36,7 @@ what it has), ``results.md`` (mean ± std over draws, and every draw) and
 from __future__ import annotations
 
 import argparse
+import copy
 import inspect
 import json
 import math
@@ -59,7 +60,7 @@ from benchmarks.train import load_checkpoint, train_models  # noqa: E402
 
 SCHEMES = ("all_to_one", "iterative", "hierarchical")
 REPAIRS = ("none", "reset_bn", "repair")
-BASELINES = ("base mean", "ensemble")
+BASELINES = ("base mean", "best base", "ensemble")
 
 
 # --------------------------------------------------------------------------- environment
@@ -90,7 +91,34 @@ def scheme_supported() -> bool:
     return "scheme" in inspect.signature(autoalign.merge).parameters
 
 
-def aligner_needs(name: str) -> str:
+#: Options of ``autoalign.merge`` itself that a method variant may set; every other
+#: ``key=value`` of a variant goes to the aligner.
+MERGE_OPTIONS = ("batchnorm", "features", "reference", "averaging")
+
+
+def parse_method(label: str) -> tuple[str, dict[str, Any]]:
+    """``"cca:ridge=1e-6,ridge_mode=absolute"`` -> ``("cca", {"ridge": 1e-06, "ridge_mode": "absolute"})``.
+
+    A variant is an aligner name, optionally followed by ``:`` and comma-separated
+    ``key=value`` options (numbers are parsed as floats, ``auto`` and words stay strings).
+    """
+    name, _, rest = label.partition(":")
+    options: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, eq, value = item.partition("=")
+        if not eq:
+            raise SystemExit(f"method {label!r}: option {item!r} is not key=value")
+        try:
+            options[key] = float(value)
+        except ValueError:
+            options[key] = value
+    return name, options
+
+
+def aligner_needs(label: str) -> str:
+    name, _ = parse_method(label)
+    if name == "auto":
+        return "reference"
     return getattr(autoalign.get_aligner(name), "needs", "reference")
 
 
@@ -103,6 +131,8 @@ def methods_for(aligners: Sequence[str], schemes: Sequence[str], repairs: Sequen
             if scheme == "iterative" and needs != "reference":
                 continue
             for rep in repairs:
+                if parse_method(name)[1].get("batchnorm") == "transform" and rep == "none":
+                    continue  # the authors' BatchNorm transform needs re-estimated statistics
                 out.append((name, scheme, rep))
     return out
 
@@ -148,9 +178,10 @@ def ensemble_accuracy(logits: Sequence[torch.Tensor], labels: torch.Tensor) -> f
 
 
 def merge_one(group: Sequence[torch.nn.Module], calib: Any, aligner: str, scheme: str, repair: str, device: str) -> Any:
-    """``autoalign.merge_with_report`` for one method; ``scheme`` is passed only when it is
-    not the default or the library takes it."""
-    kw: dict[str, Any] = {"aligner": aligner, "repair": None if repair == "none" else repair, "device": device}
+    """``autoalign.merge_with_report`` for one method (``aligner`` may be a variant, see
+    :func:`parse_method`); ``scheme`` is passed only when it is not the default or the library takes it."""
+    name, options = parse_method(aligner)
+    kw: dict[str, Any] = {"aligner": name, "repair": None if repair == "none" else repair, "device": device, **options}
     if scheme != "all_to_one" or scheme_supported():
         kw["scheme"] = scheme
     return autoalign.merge_with_report(list(group), calib, **kw)
@@ -172,7 +203,8 @@ def run(args: argparse.Namespace, out: pathlib.Path | None = None) -> dict[str, 
     paths = train_models(
         args.dataset, args.arch, args.seeds, epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
         device=args.device, data_root=args.data_root, out_dir=args.checkpoints, width=width,
-        train_subset=args.train_subset, num_threads=args.threads, verbose=True, **arch_kw,
+        train_subset=args.train_subset, num_threads=args.threads, verbose=True, schedule=args.schedule,
+        precision=args.precision, channels_last=args.channels_last, **arch_kw,
     )
     train_wall = time.perf_counter() - t0
     loaded = [load_checkpoint(p, map_location=args.device) for p in paths]
@@ -184,14 +216,26 @@ def run(args: argparse.Namespace, out: pathlib.Path | None = None) -> dict[str, 
         xte, yte = xte[: args.test_limit], yte[: args.test_limit]
     g = torch.Generator().manual_seed(12345)
     idx = torch.randperm(len(xtr), generator=g)[: args.calibration]
-    calib = make_loader(xtr[idx], ytr[idx], batch_size=args.batch_size, shuffle=False, dataset=args.dataset)
+    # augment: the same random crops and flips as training (fixed by the seed, so every
+    # pass over the calibration data sees the same images); BatchNorm statistics
+    # re-estimated on un-augmented images differ from the ones training left
+    calib = make_loader(xtr[idx], ytr[idx], batch_size=args.batch_size, shuffle=False, dataset=args.dataset,
+                        augment=args.calibration_augment)
+    if args.calibration_augment:
+        calib = [(x.clone(), y.clone()) for x, y in calib]  # one fixed draw of the augmentation
     test = make_loader(xte, yte, batch_size=1000, shuffle=False, dataset=args.dataset)
     labels = yte.long()
     base_logits = [logits_of(m, test, args.device) for m in models]
     base_acc = [accuracy_from_logits(lg, labels) for lg in base_logits]
+    bn = has_batchnorm(models[0])
+    # each base model with its BatchNorm statistics re-estimated on the calibration data:
+    # what reset_bn does to a model that needs no alignment (the ceiling of reset_bn rows)
+    recal_acc = [
+        accuracy_from_logits(logits_of(autoalign.reset_bn(copy.deepcopy(m), calib), test, args.device), labels)
+        for m in models
+    ] if bn else None
 
     aligners = args.aligners or autoalign.list_aligners()
-    bn = has_batchnorm(models[0])
     repairs = args.repairs or (["none", "reset_bn"] if bn else ["none"])
     if not bn and "reset_bn" in repairs:
         print("note: the models have no BatchNorm, so reset_bn equals none; it is skipped", flush=True)
@@ -217,6 +261,8 @@ def run(args: argparse.Namespace, out: pathlib.Path | None = None) -> dict[str, 
         "calibration_samples": len(idx),
         "test_samples": len(labels),
         "base_accuracy": dict(zip(map(str, args.seeds), base_acc)),
+        "base_accuracy_reset_bn": None if recal_acc is None else dict(zip(map(str, args.seeds), recal_acc)),
+        "calibration_augment": args.calibration_augment,
         "train_seconds": dict(zip(map(str, args.seeds), [float(c["train_seconds"]) for c in ckpts])),
         "train_wall_seconds": train_wall,
         "methods": [list(m) for m in methods],
@@ -239,6 +285,11 @@ def run(args: argparse.Namespace, out: pathlib.Path | None = None) -> dict[str, 
             common = dict(n=n, draw=draw, models=chosen, seeds=[args.seeds[i] for i in chosen])
             rows.append(dict(common, method="base mean", scheme=None, repair=None,
                              accuracy=statistics.mean(base_acc[i] for i in chosen), seconds=0.0))
+            rows.append(dict(common, method="best base", scheme=None, repair=None,
+                             accuracy=max(base_acc[i] for i in chosen), seconds=0.0))
+            if recal_acc is not None:
+                rows.append(dict(common, method="base mean", scheme=None, repair="reset_bn",
+                                 accuracy=statistics.mean(recal_acc[i] for i in chosen), seconds=0.0))
             rows.append(dict(common, method="ensemble", scheme=None, repair=None,
                              accuracy=ensemble_accuracy([base_logits[i] for i in chosen], labels), seconds=0.0))
             for name, scheme, rep in methods:
@@ -295,7 +346,8 @@ def header(result: dict[str, Any]) -> list[str]:
     return [
         f"Command: `{result['command']}`  ",
         f"Machine: {result['machine']}; torch {result['torch']}; {result['date']}.  ",
-        f"Data: {result['dataset']}; calibration: {result['calibration_samples']} training images; "
+        f"Data: {result['dataset']}; calibration: {result['calibration_samples']} training images"
+        + (" (with training's augmentation, one fixed draw)" if result.get("calibration_augment") else "") + "; "
         f"accuracy on {result.get('test_samples', 'all')} test images. "
         f"Base models: {result['arch']} {result['arch_kw'] or ''}(width {result['width']}), seeds {result['seeds']}, "
         f"{result['epochs']} epochs on {subset if subset else 'all'} training images"
@@ -303,6 +355,9 @@ def header(result: dict[str, Any]) -> list[str]:
         + (", augmentation: random crop (padding 4 on 32×32) + horizontal flip" if aug and result["dataset"] == "cifar10" else "")
         + (", no augmentation" if aug is False else "")
         + "; their test accuracies: " + ", ".join(f"{100 * a:.2f}" for a in result["base_accuracy"].values()) + " %"
+        + ("; with BatchNorm statistics re-estimated on the calibration data: "
+           + ", ".join(f"{100 * a:.2f}" for a in result["base_accuracy_reset_bn"].values()) + " %"
+           if result.get("base_accuracy_reset_bn") else "")
         + (f"; training took {sum(result['train_seconds'].values()) / 60:.1f} min in all" if result.get("train_seconds") else "")
         + (f"; whole run {result['total_wall_seconds'] / 60:.1f} min wall clock" if result.get("total_wall_seconds") else "")
         + ".",
@@ -398,14 +453,21 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--lr", type=float, default=None, help="training learning rate (default: train.py's)")
     ap.add_argument("--train-batch-size", type=int, default=128)
+    ap.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=None, help="training schedule (default: train.py's)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="training precision (train.py)")
+    ap.add_argument("--channels-last", action="store_true", help="train channels-last (train.py)")
     ap.add_argument("--train-subset", type=int, default=None, help="train on a fixed subset of this many images")
-    ap.add_argument("--aligners", nargs="*", help="default: every registered aligner")
+    ap.add_argument("--aligners", nargs="*", help="default: every registered aligner; a variant sets options, "
+                    "e.g. cca:ridge=auto or cca:ridge=1e-6,ridge_mode=absolute,batchnorm=transform "
+                    "(merge options: " + ", ".join(MERGE_OPTIONS) + "; the others go to the aligner)")
     ap.add_argument("--schemes", nargs="+", default=["all_to_one"], choices=SCHEMES,
                     help="default all_to_one; iterative only applies to aligners with needs == 'reference'")
     ap.add_argument("--repairs", nargs="+", default=None, choices=REPAIRS,
                     help="default: none reset_bn with BatchNorm, none without")
     ap.add_argument("--calibration", type=int, default=5000, help="training images used as calibration data")
     ap.add_argument("--batch-size", type=int, default=500, help="calibration batch size")
+    ap.add_argument("--calibration-augment", action="store_true",
+                    help="calibration images with training's augmentation (one fixed draw of crops and flips)")
     ap.add_argument("--test-limit", type=int, default=None, help="evaluate on the first N test images only")
     ap.add_argument("--data-root", default=os.environ.get("AUTOALIGN_DATA"))
     ap.add_argument("--checkpoints", default="checkpoints")

@@ -125,6 +125,18 @@ def test_methods_iterative_only_for_reference_aligners() -> None:
     assert ("cca", "iterative", "repair") in methods
     assert not any(a in ("identity", "zipit") and s == "iterative" for a, s, _ in methods)
     assert len(methods) == 2 * 2 + 2 + 2
+    # the authors' BatchNorm transform needs a repair: no row without one
+    authors = merge_accuracy.methods_for(["cca:batchnorm=transform"], ["all_to_one"], ["none", "reset_bn"])
+    assert authors == [("cca:batchnorm=transform", "all_to_one", "reset_bn")]
+
+
+def test_method_variants_parse_options() -> None:
+    assert merge_accuracy.parse_method("cca") == ("cca", {})
+    assert merge_accuracy.parse_method("cca:ridge=1e-6,ridge_mode=absolute,batchnorm=transform") == (
+        "cca", {"ridge": 1e-6, "ridge_mode": "absolute", "batchnorm": "transform"})
+    assert merge_accuracy.parse_method("cca:ridge=auto") == ("cca", {"ridge": "auto"})
+    with pytest.raises(SystemExit, match="key=value"):
+        merge_accuracy.parse_method("cca:ridge")
 
 
 def test_draws_are_distinct_and_capped() -> None:
@@ -140,17 +152,24 @@ def test_merge_accuracy_end_to_end_on_digits(tmp_path: pathlib.Path) -> None:
     out = tmp_path / "out"
     rc = merge_accuracy.main([
         "--dataset", "digits", "--arch", "mlp", "--width", "16", "--epochs", "1", "--seeds", "0", "1", "2",
-        "--n", "2", "3", "--draws", "2", "--aligners", "identity", "cca", "--schemes", "all_to_one",
+        "--n", "2", "3", "--draws", "2", "--aligners", "identity", "cca", "cca:ridge=10,features=preactivation",
+        "--schemes", "all_to_one",
         "--calibration", "200", "--batch-size", "100", "--threads", "1",
         "--checkpoints", str(tmp_path / "ck"), "--out", str(out),
     ])
     assert rc == 0
     result = json.loads((out / "results.json").read_text())
     rows = result["rows"]
-    # N=2: 2 draws, N=3: 1 draw (only one set of 3 out of 3); 2 baselines + 2 methods each
-    assert len(rows) == 3 * 4
-    assert {r["method"] for r in rows} == {"base mean", "ensemble", "identity", "cca"}
+    # N=2: 2 draws, N=3: 1 draw (only one set of 3 out of 3); 3 baselines + 3 methods each
+    assert len(rows) == 3 * 6
+    variant = "cca:ridge=10,features=preactivation"
+    assert {r["method"] for r in rows} == {"base mean", "best base", "ensemble", "identity", "cca", variant}
     assert all(r["accuracy"] is not None and 0 <= r["accuracy"] <= 1 for r in rows)
+    for r in rows:
+        if r["method"] == "best base":
+            mean = next(q for q in rows if q["method"] == "base mean" and q["models"] == r["models"])
+            assert r["accuracy"] >= mean["accuracy"]
+    assert sum(r["method"] == variant for r in rows) == 3
     md = (out / "results.md").read_text()
     assert "| cca | all_to_one | none |" in md and "Every draw" in md
     assert (out / "accuracy_vs_n.png").stat().st_size > 0
@@ -202,3 +221,28 @@ def test_stats_breakdown_tiny_mlp(capsys: pytest.CaptureFixture[str], self_momen
     assert all(ms > 0 for _, ms in rows)
     assert stats_breakdown.main(["--width", "8", "--n", "2", "--samples", "16", "--batch", "8", "--repeats", "1"]) == 0
     assert capsys.readouterr().out.count("x floor") == len(rows)
+
+
+def test_merge_one_passes_a_variant_s_options(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: dict = {}
+    monkeypatch.setattr(merge_accuracy.autoalign, "merge_with_report", lambda models, data, **kw: seen.update(kw))
+    merge_accuracy.merge_one([], [], "cca:ridge=1e-6,ridge_mode=absolute,batchnorm=transform", "all_to_one", "reset_bn", "cpu")
+    assert seen["aligner"] == "cca" and seen["ridge"] == 1e-6 and seen["ridge_mode"] == "absolute"
+    assert seen["batchnorm"] == "transform" and seen["repair"] == "reset_bn"
+
+
+def test_merge_accuracy_on_a_batchnorm_net_reports_the_recalibrated_bases(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "out"
+    rc = merge_accuracy.main([
+        "--dataset", "digits", "--arch", "resbn", "--width", "8", "--epochs", "1", "--seeds", "0", "1",
+        "--n", "2", "--draws", "1", "--aligners", "permutation", "cca:batchnorm=transform", "--repairs", "none", "reset_bn",
+        "--calibration", "200", "--batch-size", "100", "--calibration-augment", "--threads", "1",
+        "--checkpoints", str(tmp_path / "ck"), "--out", str(out),
+    ])
+    assert rc == 0
+    result = json.loads((out / "results.json").read_text())
+    assert result["calibration_augment"] is True and set(result["base_accuracy_reset_bn"]) == {"0", "1"}
+    keys = [(r["method"], r["repair"]) for r in result["rows"]]
+    assert ("base mean", "reset_bn") in keys and ("cca:batchnorm=transform", "reset_bn") in keys
+    assert ("cca:batchnorm=transform", "none") not in keys
+    assert all(r["accuracy"] is not None for r in result["rows"]), [r.get("error") for r in result["rows"]]
