@@ -326,6 +326,7 @@ def make_data(
             raise FileNotFoundError(
                 f"--data {spec}: no data root; give it as --data {kind}:ROOT or set {datasets.DATA_ENV_VAR}"
             ) from None
+        x, y = datasets.random_subset(x, y)  # a fixed random order: --num-batches then sees every class
         if mean is not None and std is not None:
             x = (x - torch.tensor(mean).view(1, -1, 1, 1)) / torch.tensor(std).view(1, -1, 1, 1)
             return datasets.make_loader(x, y, batch_size=batch_size, shuffle=False, normalize=False)

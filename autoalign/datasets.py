@@ -55,6 +55,7 @@ __all__ = [
     "resolve_cache_dir",
     "load_dataset",
     "make_loader",
+    "random_subset",
     "TensorBatchDataset",
     "read_idx",
     "CIFAR10_CLASSES",
@@ -598,6 +599,45 @@ def _infer_dataset(images: torch.Tensor) -> str | None:
         if DATASET_INFO[key].input_shape == shape:
             return key
     return None
+
+
+def random_subset(
+    images: torch.Tensor, labels: torch.Tensor, n: int | None = None, *, seed: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A fixed random subset (or, with ``n=None``, a fixed random order) of a data set.
+
+    Calibration takes the first batches of its data; CIFAR-10's files are stored
+    class by class, so its first 5,000 training images are all airplanes. Take
+    calibration images through this function instead of slicing.
+
+    Parameters
+    ----------
+    images : torch.Tensor
+        ``(n_total, ...)``.
+    labels : torch.Tensor
+        ``(n_total,)``.
+    n : int or None
+        How many samples (at most ``n_total``); ``None``: all of them, reordered.
+    seed : int
+        The order is ``torch.randperm(n_total)`` under this seed.
+
+    Returns
+    -------
+    images, labels : torch.Tensor
+        ``(min(n, n_total), ...)`` and ``(min(n, n_total),)``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x, y = torch.arange(10.0).view(10, 1), torch.arange(10)
+    >>> xs, ys = random_subset(x, y, 4)
+    >>> xs.shape, bool((xs[:, 0].long() == ys).all()), len(set(ys.tolist()))
+    (torch.Size([4, 1]), True, 4)
+    """
+    idx = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed))
+    if n is not None:
+        idx = idx[:n]
+    return images[idx], labels[idx]
 
 
 def make_loader(

@@ -399,7 +399,7 @@ def _run_demo(
     print_fn: Callable[[str], None],
 ) -> DemoResult:
     from . import list_aligners, merge_with_report
-    from .datasets import DATASET_INFO, _canonical_name, load_dataset, make_loader
+    from .datasets import DATASET_INFO, _canonical_name, load_dataset, make_loader, random_subset
 
     t_start = time.perf_counter()
     key = _canonical_name(dataset)
@@ -427,7 +427,9 @@ def _run_demo(
     x_tr, y_tr = load_dataset(key, data_root=data_root, split="train")
     x_te, y_te = load_dataset(key, data_root=data_root, split="test")
     test_loader = make_loader(x_te, y_te, batch_size=512, shuffle=False, dataset=key)
-    calib_loader = make_loader(x_tr, y_tr, batch_size=bs, shuffle=False, dataset=key)
+    # a limited calibration takes the first batches: in a fixed random order, so every class is in them
+    calib_data = (x_tr, y_tr) if calib is None else random_subset(x_tr, y_tr)
+    calib_loader = make_loader(*calib_data, batch_size=bs, shuffle=False, dataset=key)
     n_calib = len(x_tr) if calib is None else min(len(x_tr), calib * bs)
     say(
         f"autoalign demo: {key} ({len(x_tr)} train / {len(x_te)} test images), {n_models} models x {', '.join(archs)}, "

@@ -190,6 +190,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=float, default=None)
     ap.add_argument("--epochs", type=int, default=5)
     ap.add_argument("--train-subset", type=int, default=None)
+    from benchmarks.train import add_reuse_arguments
+
+    add_reuse_arguments(ap)
     ap.add_argument("--seeds", type=int, nargs=2, default=[0, 1], help="the two models (first = reference)")
     ap.add_argument("--point", default=None, help="merge point name (default: the widest)")
     ap.add_argument("--ridge", type=float, default=0.01)
@@ -207,7 +210,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     from autoalign.datasets import load_dataset, make_loader
     from benchmarks.merge_accuracy import machine_line
-    from benchmarks.train import load_checkpoint, train_models
+    from benchmarks.train import load_checkpoint, reuse_kwargs, train_models
 
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -217,7 +220,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         width = int(width)
     paths = train_models(
         args.dataset, args.arch, args.seeds, epochs=args.epochs, device=args.device, data_root=args.data_root,
-        out_dir=args.checkpoints, width=width, train_subset=args.train_subset, num_threads=args.threads, **arch_kw,
+        out_dir=args.checkpoints, width=width, train_subset=args.train_subset, num_threads=args.threads,
+        **reuse_kwargs(args), **arch_kw,
     )
     loaded = [load_checkpoint(p, map_location=args.device) for p in paths]
     models = [m for m, _ in loaded]

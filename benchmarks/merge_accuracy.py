@@ -56,7 +56,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import autoalign  # noqa: E402
 from autoalign.datasets import load_dataset, make_loader  # noqa: E402
 from autoalign.repair import has_batchnorm  # noqa: E402
-from benchmarks.train import load_checkpoint, train_models  # noqa: E402
+from benchmarks.train import add_reuse_arguments, load_checkpoint, reuse_kwargs, train_models  # noqa: E402
 
 SCHEMES = ("all_to_one", "iterative", "hierarchical")
 REPAIRS = ("none", "reset_bn", "repair")
@@ -201,10 +201,9 @@ def run(args: argparse.Namespace, out: pathlib.Path | None = None) -> dict[str, 
         width = int(width)
     t0 = time.perf_counter()
     paths = train_models(
-        args.dataset, args.arch, args.seeds, epochs=args.epochs, batch_size=args.train_batch_size, lr=args.lr,
+        args.dataset, args.arch, args.seeds, epochs=args.epochs, batch_size=args.train_batch_size,
         device=args.device, data_root=args.data_root, out_dir=args.checkpoints, width=width,
-        train_subset=args.train_subset, num_threads=args.threads, verbose=True, schedule=args.schedule,
-        precision=args.precision, channels_last=args.channels_last, **arch_kw,
+        train_subset=args.train_subset, num_threads=args.threads, verbose=True, **reuse_kwargs(args), **arch_kw,
     )
     train_wall = time.perf_counter() - t0
     loaded = [load_checkpoint(p, map_location=args.device) for p in paths]
@@ -451,11 +450,8 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--n", type=int, nargs="+", default=[2, 4, 8])
     ap.add_argument("--draws", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=None, help="training learning rate (default: train.py's)")
+    add_reuse_arguments(ap)
     ap.add_argument("--train-batch-size", type=int, default=128)
-    ap.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=None, help="training schedule (default: train.py's)")
-    ap.add_argument("--precision", choices=["fp32", "bf16"], default="fp32", help="training precision (train.py)")
-    ap.add_argument("--channels-last", action="store_true", help="train channels-last (train.py)")
     ap.add_argument("--train-subset", type=int, default=None, help="train on a fixed subset of this many images")
     ap.add_argument("--aligners", nargs="*", help="default: every registered aligner; a variant sets options, "
                     "e.g. cca:ridge=auto or cca:ridge=1e-6,ridge_mode=absolute,batchnorm=transform "

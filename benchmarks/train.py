@@ -527,6 +527,21 @@ def train_models(
 # --------------------------------------------------------------------------- CLI
 
 
+def add_reuse_arguments(ap: argparse.ArgumentParser) -> None:
+    """The training options a benchmark script needs to find cached checkpoints made with
+    non-default settings (the cache key is the whole training config): ``--lr``,
+    ``--schedule``, ``--precision``, ``--channels-last``."""
+    ap.add_argument("--lr", type=float, default=None, help="training learning rate (default: train.py's)")
+    ap.add_argument("--schedule", choices=["cosine", "onecycle", "constant"], default=None, help="training schedule (default: train.py's)")
+    ap.add_argument("--precision", choices=list(PRECISIONS), default="fp32", help="training precision")
+    ap.add_argument("--channels-last", action="store_true", help="trained channels-last")
+
+
+def reuse_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``train_models`` keyword arguments from :func:`add_reuse_arguments`' options."""
+    return {"lr": args.lr, "schedule": args.schedule, "precision": args.precision, "channels_last": args.channels_last}
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--dataset", required=True, help="digits, mnist, fashion-mnist or cifar10")

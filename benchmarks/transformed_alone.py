@@ -35,9 +35,9 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autoalign  # noqa: E402
-from autoalign.datasets import load_dataset, make_loader  # noqa: E402
+from autoalign.datasets import load_dataset, make_loader, random_subset  # noqa: E402
 from benchmarks.merge_accuracy import machine_line  # noqa: E402
-from benchmarks.train import evaluate, load_checkpoint, train_models  # noqa: E402
+from benchmarks.train import add_reuse_arguments, evaluate, load_checkpoint, reuse_kwargs, train_models  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -47,6 +47,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--width", type=float, default=None)
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--seeds", type=int, nargs=2, default=[0, 1], help="A (the reference) and B")
+    add_reuse_arguments(ap)
     ap.add_argument("--aligners", nargs="+", default=["permutation", "cca", "procrustes"])
     ap.add_argument("--repairs", nargs="+", default=["none", "reset_bn"], choices=["none", "reset_bn", "repair"])
     ap.add_argument("--calibration", type=int, default=2000, help="training images used as calibration data")
@@ -61,11 +62,13 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     torch.set_num_threads(args.threads)
+    width = int(args.width) if args.width is not None and float(args.width).is_integer() else args.width
     paths = train_models(args.dataset, args.arch, args.seeds, epochs=args.epochs, data_root=args.data_root,
-                         out_dir=args.checkpoints, width=args.width, num_threads=args.threads)
+                         out_dir=args.checkpoints, width=width, num_threads=args.threads, **reuse_kwargs(args))
     (a, ca), (b, cb) = (load_checkpoint(p) for p in paths)
     x, y = load_dataset(args.dataset, data_root=args.data_root, split="train")
-    calib = make_loader(x[: args.calibration], y[: args.calibration], batch_size=args.batch_size, shuffle=False,
+    # the calibration images merge_accuracy.py uses (a fixed random subset: CIFAR-10 is stored class by class)
+    calib = make_loader(*random_subset(x, y, args.calibration, seed=12345), batch_size=args.batch_size, shuffle=False,
                         dataset=args.dataset)
     xt, yt = load_dataset(args.dataset, data_root=args.data_root, split="test")
     test = make_loader(xt, yt, batch_size=1000, shuffle=False, dataset=args.dataset)

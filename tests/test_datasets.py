@@ -364,3 +364,19 @@ def test_real_cifar10():
     assert y.bincount().tolist() == [1000] * 10
     means = x.mean(dim=(0, 2, 3))
     assert torch.allclose(means, torch.tensor(DATASET_STATS["cifar10"][0]), atol=0.01)
+
+
+def test_cli_calibration_from_class_sorted_cifar_sees_every_class(tmp_path, monkeypatch):
+    """CIFAR-10 is stored class by class; ``--data cifar10:ROOT --num-batches k`` takes the
+    first batches, which must not all be airplanes."""
+    from autoalign.cli import make_data
+
+    root = tmp_path / "data"
+    _write_cifar_tar(root, {"train": 6, "test": 1})
+    monkeypatch.setenv(datasets.CACHE_ENV_VAR, str(tmp_path / "cache"))
+    x, y = load_dataset("cifar10", data_root=root, split="train", cache_dir=tmp_path / "cache")
+    assert y[:6].tolist() == [0] * 6  # the stored order
+    first = next(iter(make_data(f"cifar10:{root}", batch_size=20)))
+    assert len(set(first[1].tolist())) >= 6
+    xs, ys = datasets.random_subset(x, y, 20)
+    assert torch.equal(xs, datasets.random_subset(x, y, 20)[0]) and len(set(ys.tolist())) >= 6
