@@ -208,7 +208,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from autoalign.datasets import load_dataset, make_loader
+    from autoalign.datasets import load_dataset, make_loader, random_subset
     from benchmarks.merge_accuracy import machine_line
     from benchmarks.train import load_checkpoint, reuse_kwargs, train_models
 
@@ -226,8 +226,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     loaded = [load_checkpoint(p, map_location=args.device) for p in paths]
     models = [m for m, _ in loaded]
     xtr, ytr = load_dataset(args.dataset, data_root=args.data_root, split="train")
-    idx = torch.randperm(len(xtr), generator=torch.Generator().manual_seed(12345))[: args.calibration]
-    calib = make_loader(xtr[idx], ytr[idx], batch_size=args.batch_size, shuffle=False, dataset=args.dataset)
+    calib = make_loader(*random_subset(xtr, ytr, args.calibration, seed=12345), batch_size=args.batch_size, shuffle=False, dataset=args.dataset)
     result = analyse(models, calib, args.point, ridge=args.ridge)
     result.update(
         command="python benchmarks/correlation.py " + " ".join(sys.argv[1:] if argv is None else argv),

@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autoalign  # noqa: E402
-from autoalign.datasets import load_dataset, make_loader  # noqa: E402
+from autoalign.datasets import load_dataset, make_loader, random_subset  # noqa: E402
 from autoalign.repair import has_batchnorm  # noqa: E402
 from benchmarks.train import add_reuse_arguments, load_checkpoint, reuse_kwargs, train_models  # noqa: E402
 
@@ -213,12 +213,11 @@ def run(args: argparse.Namespace, out: pathlib.Path | None = None) -> dict[str, 
     xte, yte = load_dataset(args.dataset, data_root=args.data_root, split="test")
     if args.test_limit:
         xte, yte = xte[: args.test_limit], yte[: args.test_limit]
-    g = torch.Generator().manual_seed(12345)
-    idx = torch.randperm(len(xtr), generator=g)[: args.calibration]
+    xcal, ycal = random_subset(xtr, ytr, args.calibration, seed=12345)
     # augment: the same random crops and flips as training (fixed by the seed, so every
     # pass over the calibration data sees the same images); BatchNorm statistics
     # re-estimated on un-augmented images differ from the ones training left
-    calib = make_loader(xtr[idx], ytr[idx], batch_size=args.batch_size, shuffle=False, dataset=args.dataset,
+    calib = make_loader(xcal, ycal, batch_size=args.batch_size, shuffle=False, dataset=args.dataset,
                         augment=args.calibration_augment)
     if args.calibration_augment:
         calib = [(x.clone(), y.clone()) for x, y in calib]  # one fixed draw of the augmentation
@@ -257,7 +256,7 @@ def run(args: argparse.Namespace, out: pathlib.Path | None = None) -> dict[str, 
         "epochs": args.epochs,
         "train_subset": args.train_subset,
         "train_config": ckpts[0]["config"],
-        "calibration_samples": len(idx),
+        "calibration_samples": len(ycal),
         "test_samples": len(labels),
         "base_accuracy": dict(zip(map(str, args.seeds), base_acc)),
         "base_accuracy_reset_bn": None if recal_acc is None else dict(zip(map(str, args.seeds), recal_acc)),
