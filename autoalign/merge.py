@@ -28,6 +28,7 @@ from .repair import (
     reset_bn,
     restore_batchnorm,
     set_batchnorm_affine,
+    site_maps,
 )
 from .spec import FEATURES, MergeSpec, kind_rank
 from .stats import Stats, collect_stats, default_input_fn, product_dtype_for
@@ -270,6 +271,7 @@ def _repair(
     moved: list[dict[str, torch.Tensor]],
     folds: list[Any],
     spec: MergeSpec,
+    plan: Plan,
     data: Iterable[Any],
     w: torch.Tensor,
     *,
@@ -285,16 +287,22 @@ def _repair(
     else:
         names = _folded_names(folds)
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    if names:
-        # REPAIR's target: the per-channel statistics the aligned models have there
+    # REPAIR's target: the per-channel statistics each model's own output has there, in
+    # merged coordinates (layerwise: an aligned model run end to end drifts under dense maps)
+    maps, mapped, rest = site_maps(spec, names, [plan.transforms_for(m) for m in range(len(work))])
+    if mapped:
+        targets = output_channel_stats(
+            work, mapped, data, weights=w.tolist(), input_fn=input_fn, num_batches=num_batches, device=device, maps=maps
+        )
+    if rest:
         aligned = []
         for m in range(len(work)):
             mm = copy.deepcopy(work[m])
             mm.load_state_dict(moved[m])
             aligned.append(mm)
-        targets = output_channel_stats(
-            aligned, names, data, weights=w.tolist(), input_fn=input_fn, num_batches=num_batches, device=device
-        )
+        targets.update(output_channel_stats(
+            aligned, rest, data, weights=w.tolist(), input_fn=input_fn, num_batches=num_batches, device=device
+        ))
         del aligned
     notes: dict[str, str] = {}
     if repair == "repair":
@@ -533,7 +541,8 @@ def merge_with_report(
 
     t0 = time.perf_counter()
     sds = [{k: v.detach() for k, v in m.state_dict().items()} for m in work]
-    plan = _solve_checked(al, AlignProblem(spec, sds, reference, w, stats), spec, n)
+    buffers = frozenset(name for name, _ in work[0].named_buffers())
+    plan = _solve_checked(al, AlignProblem(spec, sds, reference, w, stats, buffers), spec, n)
     timings["solve"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -551,7 +560,7 @@ def merge_with_report(
             # the consensus model is repaired like the final one, so its features are not shrunk
             cur_repair = ("reset_bn" if has_batchnorm(current) else None) if repair == "auto" else repair
             if cur_repair in ("reset_bn", "repair"):
-                _repair(current, cur_repair, work, moved, folds, spec, data, w, input_fn=fn,
+                _repair(current, cur_repair, work, moved, folds, spec, plan, data, w, input_fn=fn,
                         num_batches=num_batches, device=device)
             stats = collect_stats(
                 work + [current], data, spec, needs=al.needs, reference=n, input_fn=fn, num_batches=num_batches,
@@ -562,7 +571,7 @@ def merge_with_report(
             t0 = time.perf_counter()
             cur_sd = {k: v.detach() for k, v in current.state_dict().items()}
             w_ext = torch.cat([w, torch.zeros(1, dtype=w.dtype)])
-            full = _solve_checked(al, AlignProblem(spec, sds + [cur_sd], n, w_ext, stats), spec, n + 1)
+            full = _solve_checked(al, AlignProblem(spec, sds + [cur_sd], n, w_ext, stats, buffers), spec, n + 1)
             new_plan = Plan({name: _rebase(_drop_last_model(pp), reference) for name, pp in full.points.items()})
             change = _plan_change(plan, new_plan)
             plan = new_plan
@@ -602,7 +611,7 @@ def merge_with_report(
     repair_targets = None
     if repair in ("reset_bn", "repair"):
         repair_targets, report.repair_notes = _repair(
-            out, repair, work, moved, folds, spec, data, w, input_fn=fn, num_batches=num_batches, device=device,
+            out, repair, work, moved, folds, spec, plan, data, w, input_fn=fn, num_batches=num_batches, device=device,
             progress=progress,
         )
     elif folds:

@@ -8,6 +8,15 @@ is set to the per-channel mean and std that the aligned models' outputs have the
 (REPAIR's target, Jordan et al. 2023): the merged layer then reproduces the average
 statistics instead of unit variance.
 
+Targets are measured *layerwise* (:func:`site_maps`): at each site, every original
+model's own output, mapped into merged coordinates by its merge matrix ``P_m``
+(``μ_t = Σ_m w_m P_m μ_m``, ``σ_t = Σ_m w_m sqrt(diag(P_m C_m P_mᵀ))``). For
+permutations this equals running the aligned models; for dense maps it does not: an
+aligned model applies ``P⁻¹`` after ``relu(P z)``, which is not ``z``, so its deeper
+features drift (a CCA-aligned ResNet20 alone is far from the original), and targets
+measured on it carried that drift into the merged model (ResNet20 on CIFAR-10, CCA,
+N = 2: 43 % with drifted targets, 75 % with layerwise ones; docs/results.md).
+
 Without repair, :func:`restore_batchnorm` writes a folded BatchNorm's scale and
 statistics back from one eval-mode pass, keeping the merged function.
 
@@ -41,6 +50,7 @@ __all__ = [
     "set_batchnorm_affine",
     "repair_producers",
     "repair_sites",
+    "site_maps",
 ]
 
 PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -135,14 +145,24 @@ def _channel_moments(
     input_fn: Callable[[Any], Any] | None,
     num_batches: int | None,
     device: torch.device | str | None,
+    maps: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, list[Any]]:
     """One eval-mode pass of ``model`` over ``data``: per named submodule, ``[count, Σ y, Σ y²]``
     per channel of its ``"input"`` or ``"output"`` (channels along the given axis), summed over
-    all processes under ``torch.distributed``. Submodules that never run are left out."""
+    all processes under ``torch.distributed``. Submodules that never run are left out. An
+    output named in ``maps`` is multiplied by that ``(C, C)`` matrix first (``y ← P y``)."""
     fn = input_fn or default_input_fn
     acc: dict[str, list[Any]] = {}
     hooks = []
     for name, (where, axis) in taps.items():
+        pm = (maps or {}).get(name)
+        if where == "output" and pm is not None:
+            pt = pm.detach().to(torch.float64).T
+            hooks.append(model.get_submodule(name).register_forward_hook(
+                lambda _m, _args, y, name=name, axis=axis, pt=pt: _accumulate(
+                    acc, name, _per_channel(y, axis) @ pt.to(y.device))
+            ))
+            continue
         mod = model.get_submodule(name)
         if where == "input":
             hooks.append(mod.register_forward_pre_hook(
@@ -269,6 +289,7 @@ def output_channel_stats(
     input_fn: Callable[[Any], Any] | None = None,
     num_batches: int | None = None,
     device: torch.device | str | None = None,
+    maps: Sequence[dict[str, torch.Tensor]] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and std of the outputs of the named submodules, averaged
     over ``models`` with ``weights`` (REPAIR's target: ``Σ_m w_m μ_m`` and
@@ -285,6 +306,9 @@ def output_channel_stats(
         Calibration data.
     weights : sequence of float, optional
         Per-model weights (normalised; uniform by default).
+    maps : sequence of dict of str to Tensor (C, C), optional
+        Per model, matrices applied to the named outputs before their moments are
+        taken (``y ← P y``: the output in merged coordinates, see :func:`site_maps`).
 
     Returns
     -------
@@ -305,9 +329,10 @@ def output_channel_stats(
     n = len(models)
     w = [1.0 / n] * n if weights is None else [float(x) / float(sum(weights)) for x in weights]
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for wi, model in zip(w, models):
+    for k, (wi, model) in enumerate(zip(w, models)):
         taps = {name: ("output", channel_axis(model.get_submodule(name))) for name in names}
-        acc = _channel_moments(model, taps, data, input_fn=input_fn, num_batches=num_batches, device=device)
+        acc = _channel_moments(model, taps, data, input_fn=input_fn, num_batches=num_batches, device=device,
+                               maps=maps[k] if maps is not None else None)
         for name, (cnt, s, q) in acc.items():
             mean = s / cnt
             std = torch.sqrt(torch.clamp(q / cnt - mean * mean, min=0.0))
@@ -316,6 +341,81 @@ def output_channel_stats(
             else:
                 out[name] = (wi * mean, wi * std)
     return out
+
+
+def site_maps(
+    spec: "MergeSpec",
+    names: Sequence[str],
+    transforms: Sequence[dict[str, tuple[torch.Tensor, torch.Tensor]]],
+) -> tuple[list[dict[str, torch.Tensor]], list[str], list[str]]:
+    """Which repair sites can be measured layerwise, and with which matrices.
+
+    A site (a producer or BatchNorm module) is *mapped* when its output channels are
+    exactly one merge point's coordinates in order; then model ``m``'s output there,
+    in merged coordinates, is ``P_m y`` with ``P_m`` that point's merge matrix.
+    Other sites (channels split over several points, grouped blocks) are measured
+    on the aligned models instead.
+
+    Parameters
+    ----------
+    spec : MergeSpec
+        The merge spec.
+    names : sequence of str
+        Module names of the repair sites.
+    transforms : sequence of dict of str to (Tensor (d, d), Tensor (d, d))
+        Per model, ``{point: (merge, unmerge)}`` (``Plan.transforms_for``); a point
+        missing from it keeps its coordinates.
+
+    Returns
+    -------
+    maps : list of dict of str to Tensor (d, d)
+        Per model, the merge matrix of each mapped site (absent: identity).
+    mapped : list of str
+        Sites measured layerwise on the original models.
+    rest : list of str
+        Sites measured on the aligned models.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> from autoalign.repair import site_maps
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> spec = autoalign.find_merge_points(net, torch.randn(2, 4))
+    >>> p = torch.eye(3)[[2, 0, 1]]
+    >>> maps, mapped, rest = site_maps(spec, ["0"], [{}, {"0": (p, p.T)}])
+    >>> mapped, rest, torch.equal(maps[1]["0"], p), maps[0]
+    (['0'], [], True, {})
+    """
+    by_tensor: dict[str, list[Any]] = {}
+    for ax in spec.axes:
+        if ax.axis == 0 and ax.role in ("output", "channel", "folded"):
+            by_tensor.setdefault(ax.tensor, []).append(ax)
+    maps: list[dict[str, torch.Tensor]] = [{} for _ in transforms]
+    mapped, rest = [], []
+    for name in names:
+        axes = [ax for key in (f"{name}.weight", f"{name}.bias", f"{name}.running_mean")
+                for ax in by_tensor.get(spec.aliases.get(key, key), [])]
+        point = None
+        for ax in axes:
+            pts = ax.points()
+            if len(pts) != 1 or ax.block is not None:
+                break
+            dim = spec.points[pts[0]].dim
+            if ax.size != dim or not bool((ax.local_of == torch.arange(dim).numpy()).all()):
+                break
+            if point is not None and point != pts[0]:
+                break
+            point = pts[0]
+        else:
+            if point is not None:
+                pname = spec.points[point].name
+                for m, tr in enumerate(transforms):
+                    if pname in tr:
+                        maps[m][name] = tr[pname][0]
+                mapped.append(name)
+                continue
+        rest.append(name)
+    return maps, mapped, rest
 
 
 def set_batchnorm_affine(model: nn.Module, targets: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:

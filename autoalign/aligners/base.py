@@ -40,6 +40,10 @@ class AlignProblem:
         Merge weights, summing to one.
     stats : Stats or None
         Feature statistics (``None`` for data-free aligners).
+    buffers : frozenset of str
+        State-dict keys that are buffers (e.g. BatchNorm running statistics), not
+        learned parameters. Data-free aligners that score weights leave them out of
+        their objective; the engine still moves them with the plan.
 
     Examples
     --------
@@ -56,6 +60,7 @@ class AlignProblem:
     reference: int
     weights: torch.Tensor
     stats: Stats | None = None
+    buffers: frozenset[str] = frozenset()
 
     @property
     def n_models(self) -> int:

@@ -31,15 +31,17 @@ Conventions are those of :func:`autoalign.transform_state_dict`: the merge matri
 ``P`` of a model satisfies ``(P y)_i = y_{perm[i]}`` (model coordinates → merged
 ones), its unmerge matrix is ``Pᵀ``. Along any axis, ``P`` (output, channel,
 additive rows) and ``Pᵀ`` (input columns) both gather position ``i`` from position
-``perm[i]``. BatchNorm vectors (``channel``/``folded`` roles) are matched like any
-per-channel vector; since the plan is made of permutations, the engine does not
-fold them.
+``perm[i]``. BatchNorm's learned vectors (``channel``/``folded`` roles) are matched like any
+per-channel vector; its running statistics are buffers, not weights, and are left
+out of the objective (they are permuted with the rest). Since the plan is made of
+permutations, the engine does not fold them.
 """
 
 from __future__ import annotations
 
 import time
 import warnings
+from collections.abc import Collection
 from typing import Any
 
 import numpy as np
@@ -72,10 +74,11 @@ class _Layout:
         Per active point, the axis roles holding it with the point's positions,
         shape ``(R, d)``.
     tensors : list of str
-        The floating-point tensors the objective involves.
+        The floating-point tensors the objective involves (all but ``exclude``).
     """
 
-    def __init__(self, spec: MergeSpec, sd: dict[str, torch.Tensor]) -> None:
+    def __init__(self, spec: MergeSpec, sd: dict[str, torch.Tensor], exclude: Collection[str] = ()) -> None:
+        skip = frozenset(exclude)
         self.spec = spec
         self.active = [i for i, p in enumerate(spec.points) if p.kind != "frozen"]
         act = set(self.active)
@@ -85,7 +88,7 @@ class _Layout:
         self.index: dict[tuple[int, int], torch.Tensor] = {}
         for ax in spec.axes:
             t = sd.get(ax.tensor)
-            if t is None or not torch.is_floating_point(t):
+            if t is None or not torch.is_floating_point(t) or ax.tensor in skip:
                 continue
             pts = [p for p in ax.points() if p in act]
             if not pts:
@@ -336,6 +339,7 @@ def weight_matching(
     seed: int = 0,
     first_sweep: str = "topological",
     dtype: torch.dtype = torch.float32,
+    exclude: Collection[str] = (),
 ) -> tuple[list[dict[str, torch.Tensor]], dict[str, Any]]:
     """Permutations aligning every model's weights (Git Re-Basin weight matching).
 
@@ -363,6 +367,12 @@ def weight_matching(
         paper's Algorithm 1 throughout.
     dtype : torch.dtype, default float32
         Precision of the similarity computations.
+    exclude : collection of str, optional
+        State-dict keys left out of the objective (they are still permuted when the
+        plan is applied). :class:`WeightMatchingAligner` passes the models' buffers:
+        BatchNorm running statistics are not weights (Git Re-Basin matches
+        parameters only), and their scale (running variances in the thousands on a
+        trained ResNet20) would otherwise decide the matching of the points they sit on.
 
     Returns
     -------
@@ -386,7 +396,7 @@ def weight_matching(
     if not 0 <= reference < n:
         raise ValueError(f"reference must be in [0, {n}), got {reference}")
     w = torch.full((n,), 1.0 / n, dtype=torch.float64) if weights is None else torch.as_tensor(weights, dtype=torch.float64).cpu()
-    layout = _Layout(spec, state_dicts[0])
+    layout = _Layout(spec, state_dicts[0], exclude)
     sds = [{k: sd[k].detach().to(dtype) for k in layout.tensors} for sd in state_dicts]
     rng = np.random.default_rng(seed)
     ident = {p: torch.arange(spec.points[p].dim) for p in layout.active}
@@ -525,6 +535,7 @@ class WeightMatchingAligner(Aligner):
             seed=self.seed,
             first_sweep=self.first_sweep,
             dtype=self.dtype,
+            exclude=problem.buffers,
         )
         what = "rounds of MergeMany" if info["strategy"] == "merge_many" and problem.n_models > 2 else "sweeps"
         if not info["converged"]:
