@@ -157,6 +157,13 @@ def _channel_moments(
     for name, (where, axis) in taps.items():
         pm = (maps or {}).get(name)
         if where == "output" and pm is not None:
+            perm = _permutation_index(pm)
+            if perm is not None:  # a gather, not a (C, C) product
+                hooks.append(model.get_submodule(name).register_forward_hook(
+                    lambda _m, _args, y, name=name, axis=axis, perm=perm: _accumulate(
+                        acc, name, _per_channel(y, axis)[:, perm.to(y.device)])
+                ))
+                continue
             pt = pm.detach().to(torch.float64).T
             hooks.append(model.get_submodule(name).register_forward_hook(
                 lambda _m, _args, y, name=name, axis=axis, pt=pt: _accumulate(
@@ -259,6 +266,18 @@ def restore_batchnorm(
             mod.bias.copy_((mod.bias.to(torch.float64) + mean.to(mod.bias.device)).to(mod.bias.dtype))
             done.append(name)
     return done
+
+
+def _permutation_index(p: torch.Tensor) -> torch.Tensor | None:
+    """``perm`` with ``p = eye[perm]`` when ``p`` is a permutation matrix, else ``None``."""
+    if p.dim() != 2 or p.shape[0] != p.shape[1]:
+        return None
+    perm = p.argmax(1)
+    if not bool((p == 0).logical_or(p == 1).all()) or not torch.equal(p.sum(1), torch.ones_like(p[:, 0])):
+        return None
+    if not torch.equal(torch.sort(perm).values, torch.arange(p.shape[0], device=p.device)):
+        return None
+    return perm.cpu()
 
 
 def channel_axis(module: nn.Module) -> int:
