@@ -655,7 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image-size", type=int, default=None, metavar="PX", help="resize and centre-crop imagefolder images to PX x PX")
     p.add_argument("--mean", default=None, metavar="M1,M2,M3", help="normalise inputs with this per-channel mean (with --std)")
     p.add_argument("--std", default=None, metavar="S1,S2,S3", help="normalise inputs with this per-channel std (with --mean)")
-    p.add_argument("--aligner", default="permutation", metavar="NAME",
+    p.add_argument("--aligner", default="procrustes", metavar="NAME",
                    help="a registered aligner (see 'autoalign aligners'), or auto: the one whose merge has the lowest "
                         "held-out calibration loss (--option ridge=auto chooses a ridge the same way)")
     p.add_argument("--option", action="append", default=[], metavar="KEY=VALUE",

@@ -1,7 +1,7 @@
 """Choosing an aligner, or an aligner's ridge, by the merged model's loss on held-out calibration data.
 
-``merge(..., aligner="auto")`` tries a short list of aligners (``permutation`` and
-``cca`` unless ``candidates=[...]`` says otherwise); ``merge(..., aligner="cca",
+``merge(..., aligner="auto")`` tries a short list of aligners (``procrustes``,
+``cca`` and ``permutation`` unless ``candidates=[...]`` says otherwise); ``merge(..., aligner="cca",
 ridge="auto")`` tries a grid of ridges (any aligner with a ``ridge`` option). Each
 candidate merges the models on the first part of the calibration batches (80 %, at
 least one batch), with every other option as given (scheme, repair, weights, ...);
@@ -32,7 +32,7 @@ from .trace import as_input_tuple, eval_mode
 __all__ = ["Selection", "AUTO_CANDIDATES", "RIDGE_GRID", "selection_candidates", "split_batches", "heldout_loss"]
 
 #: Aligners ``aligner="auto"`` tries by default.
-AUTO_CANDIDATES: tuple[str, ...] = ("permutation", "cca")
+AUTO_CANDIDATES: tuple[str, ...] = ("procrustes", "cca", "permutation")
 #: Ridges ``ridge="auto"`` tries (in the aligner's own ridge units, relative for ``cca``).
 RIDGE_GRID: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
 #: Fraction of the calibration batches held out to score the candidates.
