@@ -663,7 +663,7 @@ def merge(
         The default follows the measurements in docs/results.md. On residual
         BatchNorm nets (ResNet20 ×1 on CIFAR-10, a residual CNN on MNIST) the
         dense aligners beat permutation matching once their repair targets are
-        measured layerwise: CCA Merge by 3 and 11 points on ResNet20 at N = 2 and
+        measured layerwise: CCA Merge by 3–4 and 11 points on ResNet20 at N = 2 and
         4, by 6 points on the MNIST net at N = 4 (it trails there by 2.5 at
         N = 2); the best orthogonal map fitted to the same cross-covariances
         (``"procrustes"``) ties or beats CCA in every one of those runs (+0.0
