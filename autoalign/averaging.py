@@ -34,12 +34,12 @@ from torch import nn
 
 from .apply import average_state_dicts
 from .errors import MergeError
-from .stats import default_input_fn, iter_model_inputs
+from .calibration import Calibration, class_targets
 from .trace import eval_mode
+from .vocab import AVERAGINGS, check_choice
 
-__all__ = ["AVERAGINGS", "fisher_diagonals", "fisher_average", "learn_coefficients", "average_aligned"]
+__all__ = ["fisher_diagonals", "fisher_average", "learn_coefficients", "average_aligned"]
 
-AVERAGINGS = ("uniform", "fisher", "learned")
 LEARNED_OPTIONS = {"granularity": "layer", "lr": 0.05, "epochs": 1, "objective": "auto", "temperature": 1.0}
 FISHER_OPTIONS = {"labels": "model", "chunk": 16, "seed": 0}
 
@@ -66,14 +66,6 @@ def _logits(out: Any) -> torch.Tensor:
             f"got {type(out).__name__}{tuple(out.shape) if isinstance(out, torch.Tensor) else ''}"
         )
     return out
-
-
-def _labels(batch: Any, n: int) -> torch.Tensor | None:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
-        y = batch[1]
-        if y.dim() == 1 and y.shape[0] == n and not y.is_floating_point():
-            return y
-    return None
 
 
 def fisher_diagonals(
@@ -123,10 +115,10 @@ def fisher_diagonals(
 
     if labels not in ("model", "data"):
         raise MergeError(f"fisher labels must be 'model' or 'data', got {labels!r}")
-    fn = input_fn or default_input_fn
+    calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device)
     out: list[dict[str, torch.Tensor]] = []
     for model in models:
-        dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+        dev = calib.device_for(model)
         params = {n: p.detach() for n, p in model.named_parameters()}
         buffers = {n: b for n, b in model.named_buffers()}
         acc = {n: torch.zeros(p.shape, dtype=torch.float64, device=p.device) for n, p in params.items()}
@@ -139,16 +131,13 @@ def fisher_diagonals(
 
         per_sample = vmap(grad(loss_one), in_dims=(None, 0, 0))
         with eval_mode(model):
-            for seen, batch in enumerate(data):
-                if num_batches is not None and seen >= num_batches:
-                    break
-                inputs = next(iter_model_inputs([batch], input_fn=fn, device=dev))
+            for inputs, batch in calib.labelled(dev):
                 tensors = tuple(t for t in inputs if isinstance(t, torch.Tensor))
                 if len(tensors) != len(inputs):
                     raise MergeError("Fisher averaging needs model inputs that are all tensors; pass input_fn=")
                 bsz = tensors[0].shape[0]
                 if labels == "data":
-                    y = _labels(batch, bsz)
+                    y = class_targets(batch, bsz)
                     if y is None:
                         raise MergeError("fisher labels='data' needs (input, target) batches with integer class targets")
                     y = y.to(dev)
@@ -272,9 +261,9 @@ def learn_coefficients(
         raise MergeError(f"averaging_options objective must be 'auto', 'labels' or 'distill', got {objective!r}")
     if not (isinstance(epochs, int) and epochs >= 0) or not lr >= 0:
         raise MergeError(f"averaging_options need epochs >= 0 (int) and lr >= 0, got epochs={epochs!r}, lr={lr!r}")
-    fn = input_fn or default_input_fn
+    calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device)
     model = copy.deepcopy(template)
-    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = calib.device_for(model)
     model.to(dev)
     n = len(state_dicts)
     w = torch.as_tensor([float(x) for x in weights], dtype=torch.float32, device=dev)
@@ -297,12 +286,9 @@ def learn_coefficients(
     losses: list[float] = []
     with eval_mode(model, *(teachers or ())):
         for _ in range(epochs):
-            for seen, batch in enumerate(data):
-                if num_batches is not None and seen >= num_batches:
-                    break
-                inputs = next(iter_model_inputs([batch], input_fn=fn, device=dev))
+            for inputs, batch in calib.labelled(dev):
                 out = _logits(functional_call(model, (combined(), buffers), inputs))
-                y = _labels(batch, out.shape[0])
+                y = class_targets(batch, out.shape[0])
                 use_labels = objective == "labels" or (objective == "auto" and y is not None)
                 if use_labels:
                     if y is None:
@@ -361,8 +347,8 @@ def average_aligned(
     True
     """
     options = dict(options or {})
-    if averaging not in AVERAGINGS:
-        raise MergeError(f"averaging must be one of {AVERAGINGS}, got {averaging!r}")
+    check_choice("averaging", averaging, AVERAGINGS)
+    calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device)
     if averaging == "uniform":
         if options:
             raise MergeError(f"averaging='uniform' takes no averaging_options, got {sorted(options)}")
@@ -375,13 +361,11 @@ def average_aligned(
     if averaging == "fisher":
         opts = _check_options(options, FISHER_OPTIONS, averaging)
         fishers = fisher_diagonals(
-            aligned, data, labels=opts["labels"], chunk=int(opts["chunk"]), seed=int(opts["seed"]),
-            input_fn=input_fn, num_batches=num_batches, device=device,
+            aligned, calib, labels=opts["labels"], chunk=int(opts["chunk"]), seed=int(opts["seed"]),
         )
         return fisher_average(state_dicts, fishers, _param_keys(template), weights), {"fisher_labels": opts["labels"]}
     opts = _check_options(options, LEARNED_OPTIONS, averaging)
     merged, losses = learn_coefficients(
-        template, state_dicts, weights, data, teachers=aligned, input_fn=input_fn, num_batches=num_batches,
-        device=device, **opts,
+        template, state_dicts, weights, calib, teachers=aligned, **opts,
     )
     return merged, {"losses": losses, **opts}

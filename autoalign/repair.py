@@ -37,7 +37,8 @@ from torch import nn
 
 from .errors import MergeError
 from .repair_sites import repair_sites, site_maps
-from .stats import all_reduce_moments, default_input_fn, iter_model_inputs, sync_batchnorm_stats
+from .calibration import Calibration
+from .distributed import all_reduce_moments, sync_batchnorm_stats
 from .trace import eval_mode
 
 __all__ = [
@@ -73,7 +74,7 @@ def reset_bn(
     (``momentum=None``); only BatchNorm layers run in training mode, so dropout
     stays off. The model's train/eval flags are restored. Under
     ``torch.distributed`` the statistics of all processes' shards are combined
-    (:func:`autoalign.stats.sync_batchnorm_stats`).
+    (:func:`autoalign.distributed.sync_batchnorm_stats`).
 
     Examples
     --------
@@ -86,29 +87,20 @@ def reset_bn(
     """
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
         return model
-    if _calibration_pass(model, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress, desc="reset_bn") == 0:
+    calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
+    if _calibration_pass(model, calib, desc="reset_bn") == 0:
         raise MergeError("reset_bn: the calibration data yielded no batch")
     return model
 
 
-def _calibration_pass(
-    model: nn.Module,
-    data: Iterable[Any],
-    *,
-    input_fn: Callable[[Any], Any] | None,
-    num_batches: int | None,
-    device: torch.device | str | None,
-    progress: bool,
-    desc: str,
-) -> int:
+def _calibration_pass(model: nn.Module, calib: Calibration, *, desc: str) -> int:
     """One pass over ``data`` with every BatchNorm re-estimating its statistics as the exact
     average over the batches (``momentum=None``, training mode) and everything else in eval
     mode; flags and momenta restored. Returns the number of batches seen."""
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
     flags = [(m, m.training) for m in model.modules()]
     momenta = [(m, m.momentum) for m in bns]
-    fn = input_fn or default_input_fn
-    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = calib.device_for(model)
     seen = 0
     try:
         model.eval()
@@ -116,13 +108,8 @@ def _calibration_pass(
             m.reset_running_stats()
             m.momentum = None
             m.train()
-        it: Iterable[Any] = data
-        if progress:
-            from tqdm.auto import tqdm
-
-            it = tqdm(data, desc=desc, unit="batch", leave=False)
         with torch.no_grad():
-            for inputs in iter_model_inputs(it, input_fn=fn, num_batches=num_batches, device=dev):
+            for inputs in calib.inputs(dev, desc=desc):
                 model(*inputs)
                 seen += 1
     finally:
@@ -137,18 +124,14 @@ def _calibration_pass(
 def _channel_moments(
     model: nn.Module,
     taps: dict[str, tuple[str, int]],
-    data: Iterable[Any],
+    calib: Calibration,
     *,
-    input_fn: Callable[[Any], Any] | None,
-    num_batches: int | None,
-    device: torch.device | str | None,
     maps: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, list[Any]]:
     """One eval-mode pass of ``model`` over ``data``: per named submodule, ``[count, Σ y, Σ y²]``
     per channel of its ``"input"`` or ``"output"`` (channels along the given axis), summed over
     all processes under ``torch.distributed``. Submodules that never run are left out. An
     output named in ``maps`` is multiplied by that ``(C, C)`` matrix first (``y ← P y``)."""
-    fn = input_fn or default_input_fn
     acc: dict[str, list[Any]] = {}
     hooks = []
     for name, (where, axis) in taps.items():
@@ -176,10 +159,10 @@ def _channel_moments(
             hooks.append(mod.register_forward_hook(
                 lambda _m, _args, y, name=name, axis=axis: _accumulate(acc, name, _per_channel(y, axis))
             ))
-    dev = torch.device(device) if device is not None else next((p.device for p in model.parameters()), torch.device("cpu"))
+    dev = calib.device_for(model)
     try:
         with torch.no_grad(), eval_mode(model):
-            for inputs in iter_model_inputs(data, input_fn=fn, num_batches=num_batches, device=dev):
+            for inputs in calib.inputs(dev):
                 model(*inputs)
     finally:
         for h in hooks:
@@ -245,9 +228,8 @@ def restore_batchnorm(
             bns[name] = mod
     if not bns:
         return []
-    acc = _channel_moments(
-        model, {name: ("input", 1) for name in bns}, data, input_fn=input_fn, num_batches=num_batches, device=device
-    )
+    calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device)
+    acc = _channel_moments(model, {name: ("input", 1) for name in bns}, calib)
     done = []
     with torch.no_grad():
         for name, mod in bns.items():
@@ -344,11 +326,11 @@ def output_channel_stats(
     """
     n = len(models)
     w = [1.0 / n] * n if weights is None else [float(x) / float(sum(weights)) for x in weights]
+    calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device)
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, (wi, model) in enumerate(zip(w, models)):
         taps = {name: ("output", channel_axis(model.get_submodule(name))) for name in names}
-        acc = _channel_moments(model, taps, data, input_fn=input_fn, num_batches=num_batches, device=device,
-                               maps=maps[k] if maps is not None else None)
+        acc = _channel_moments(model, taps, calib, maps=maps[k] if maps is not None else None)
         for name, (cnt, s, q) in acc.items():
             mean = s / cnt
             std = torch.sqrt(torch.clamp(q / cnt - mean * mean, min=0.0))
@@ -454,7 +436,8 @@ def repair_producers(
         mod = model.get_submodule(name)
         hooks.append(mod.register_forward_hook(make_hook(name, channel_axis(mod), mt, st)))
     try:
-        seen = _calibration_pass(model, data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress, desc="repair")
+        calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
+        seen = _calibration_pass(model, calib, desc="repair")
     finally:
         for h in hooks:
             h.remove()

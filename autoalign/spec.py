@@ -39,15 +39,10 @@ from typing import Any, Iterable, Mapping
 import numpy as np
 
 from .errors import OptionError, SpecError
+from .vocab import FEATURES, KINDS, ROLES
 
 __all__ = ["KINDS", "ROLES", "MergePoint", "Site", "AxisRole", "FoldedNorm", "MergeSpec"]
 
-#: Transform kinds from the most restricted to the most general.
-KINDS: tuple[str, ...] = ("frozen", "permutation", "orthogonal", "linear")
-#: Roles a parameter axis can play.
-ROLES: tuple[str, ...] = ("output", "input", "channel", "additive", "folded")
-#: Where a merge point's features are observed (:meth:`MergeSpec.observed_at`).
-FEATURES: tuple[str, ...] = ("activation", "preactivation")
 _KIND_RANK = {k: i for i, k in enumerate(KINDS)}
 
 SPEC_FORMAT_VERSION = 1

@@ -24,6 +24,7 @@ from typing import Any, Mapping, MutableMapping, Sequence
 import torch
 from torch import nn
 
+from .calibration import batch_error
 from .errors import DataError, ModelError, NonFiniteError, OptionError
 
 __all__ = [
@@ -32,16 +33,7 @@ __all__ = [
     "check_example",
     "check_merged",
     "tied_groups",
-    "describe_inputs",
-    "batch_error",
-    "NO_BATCH",
 ]
-
-#: Message for calibration data that yields no batch.
-NO_BATCH = (
-    "the calibration data yielded no batch; pass a non-empty DataLoader or list of batches "
-    "(check the dataset length, drop_last=, num_batches= and, under torch.distributed, the sampler's shard)"
-)
 
 
 def tied_groups(model: nn.Module) -> list[list[str]]:
@@ -174,33 +166,6 @@ def validate_options(n_models: int, *, weights: Sequence[float] | None = None, n
         raise OptionError(f"num_batches must be a positive int or None (all batches), got {num_batches!r}")
 
 
-def describe_inputs(inputs: Sequence[Any]) -> str:
-    """A short description of model inputs for error messages.
-
-    Examples
-    --------
-    >>> import torch
-    >>> describe_inputs((torch.zeros(2, 3), 5))
-    'Tensor(shape=(2, 3), dtype=torch.float32), int'
-    """
-    parts = []
-    for t in inputs:
-        if isinstance(t, torch.Tensor):
-            parts.append(f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype})")
-        else:
-            parts.append(type(t).__name__)
-    return ", ".join(parts) if parts else "no inputs"
-
-
-def _dtype_hint(model: nn.Module, inputs: Sequence[Any]) -> str:
-    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
-    fin = {t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()}
-    if len(dtypes) == 1 and fin and fin != dtypes:
-        (dt,) = dtypes
-        return f"; the model is {dt} but the batch holds {sorted(map(str, fin))} tensors: convert the data, e.g. input_fn=lambda b: b[0].to({dt})"
-    return ""
-
-
 def check_example(model: nn.Module, inputs: Sequence[Any], *, batch: int = 0) -> None:
     """Run ``model`` once on ``inputs`` (eval mode, no grad; flags restored) and
     raise a :class:`~autoalign.DataError` naming the batch if it fails.
@@ -222,27 +187,6 @@ def check_example(model: nn.Module, inputs: Sequence[Any], *, batch: int = 0) ->
             model(*inputs)
     except Exception as exc:  # noqa: BLE001 - re-raised with context
         raise DataError(batch_error(model, inputs, batch, exc)) from exc
-
-
-def batch_error(model: nn.Module, inputs: Sequence[Any], batch: int, exc: BaseException, who: str = "the model") -> str:
-    """The message for a batch the model cannot consume (used by :func:`check_example` and
-    :func:`autoalign.collect_stats`).
-
-    Examples
-    --------
-    >>> import torch
-    >>> msg = batch_error(torch.nn.Linear(3, 2), (torch.zeros(1, 5),), 4, RuntimeError("bad shape"))
-    >>> print(msg[:83])
-    calibration batch 4 cannot be fed to the model (Linear): inputs Tensor(shape=(1, 5)
-    >>> "pass input_fn=" in msg
-    True
-    """
-    return (
-        f"calibration batch {batch} cannot be fed to {who} ({type(model).__name__}): inputs {describe_inputs(inputs)}; "
-        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{_dtype_hint(model, inputs)}. "
-        "If the batch is not (input, target), a tensor or a dict with an 'input'/'image'/'x' key, "
-        "pass input_fn= returning the model's positional inputs"
-    )
 
 
 def check_merged(

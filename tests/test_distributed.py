@@ -127,7 +127,7 @@ def test_two_processes_merge_like_one_process_on_all_data(distributed_results, c
 def test_statistics_helpers_are_no_ops_without_torch_distributed():
     net = nn.BatchNorm1d(3)
     net.running_mean.fill_(2.0)
-    assert autoalign.stats.sync_batchnorm_stats(net) is net and float(net.running_mean[0]) == 2.0
+    assert autoalign.distributed.sync_batchnorm_stats(net) is net and float(net.running_mean[0]) == 2.0
     acc = {"x": [5, torch.ones(2), torch.ones(2)]}
-    autoalign.stats.all_reduce_moments(acc)
+    autoalign.distributed.all_reduce_moments(acc)
     assert acc["x"][0] == 5

@@ -15,8 +15,9 @@ import torch
 from torch import nn
 
 import autoalign
-import autoalign.stats as stats_mod
-from autoalign.stats import _sites_for, feature_module
+import autoalign.stats.moments as moments_mod
+from autoalign.capture import feature_module
+from autoalign.stats import sites_for
 
 
 class Net(nn.Module):
@@ -51,7 +52,7 @@ def _data(dtype=torch.float32):
 
 def _oracle(models, data, spec, point):
     """Every site's features of ``point`` in float64, stacked: one (samples, d) matrix per model."""
-    sites = _sites_for(point)
+    sites = sites_for(point)
     nodes = sorted({s.node for s in sites})
     feats = []
     for m in models:
@@ -132,7 +133,7 @@ def test_chunking_does_not_change_the_moments(monkeypatch, needs):
     data = _data()
     spec = autoalign.find_merge_points(models[0], data[0])
     whole = autoalign.collect_stats(models, data, spec, needs=needs, reference=1)
-    monkeypatch.setattr(stats_mod, "_CHUNK", 300)  # a few samples per chunk, the last one short
+    monkeypatch.setattr(moments_mod, "CHUNK", 300)  # a few samples per chunk, the last one short
     chunked = autoalign.collect_stats(models, data, spec, needs=needs, reference=1)
     for name, ps in whole.points.items():
         assert chunked[name].n == ps.n
@@ -149,7 +150,7 @@ def test_uneven_batches_match_the_oracle(monkeypatch):
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(b, 3, 8, 8, generator=g) for b in (20, 7, 13)]
     spec = autoalign.find_merge_points(models[0], data[0])
-    monkeypatch.setattr(stats_mod, "_CHUNK", 300)
+    monkeypatch.setattr(moments_mod, "CHUNK", 300)
     for needs in ("reference", "all_pairs"):
         st = autoalign.collect_stats(models, data, spec, needs=needs, reference=2)
         assert _check(st, models, data, spec, rtol=2e-5) > 0
@@ -196,7 +197,7 @@ def test_attention_projected_sites_match_the_oracle():
     data = [torch.randn(6, 5, 16, generator=g) for _ in range(2)]
     spec = autoalign.find_merge_points(models[0], data[0])
     st = autoalign.collect_stats(models, data, spec)
-    projected = [name for name in st.points if any(s.kind == "projected" for s in _sites_for(spec.point(name)))]
+    projected = [name for name in st.points if any(s.kind == "projected" for s in sites_for(spec.point(name)))]
     assert projected  # the value heads
     assert _check(st, models, data, spec, rtol=2e-5) >= 3 * len(st.points)
 
@@ -206,13 +207,13 @@ def test_only_features_a_later_model_pairs_with_are_kept(monkeypatch, needs, ref
     """Feature memory must not grow with N for all-to-one aligners: models run one at a time, the
     reference first, and only the reference's chunks outlive its own forward pass."""
     calls = []
-    original = stats_mod._Moments.add_model
+    original = moments_mod.Moments.add_model
 
     def spy(self, m, x, channels_first, **kw):
         calls.append((m, kw["keep"], kw["count"]))
         return original(self, m, x, channels_first, **kw)
 
-    monkeypatch.setattr(stats_mod._Moments, "add_model", spy)
+    monkeypatch.setattr(moments_mod.Moments, "add_model", spy)
     models = [Net(s) for s in range(4)]
     data = _data()
     spec = autoalign.find_merge_points(models[0], data[0])
@@ -232,7 +233,7 @@ def test_diagonal_self_moments_match_the_oracle(monkeypatch, needs, reference, c
     """With ``self_moments="diagonal"`` every cross block is still taken (no shared buffer with a
     square any more), each model keeps only its variances; uneven batches and tiny chunks too."""
     if chunk is not None:
-        monkeypatch.setattr(stats_mod, "_CHUNK", chunk)
+        monkeypatch.setattr(moments_mod, "CHUNK", chunk)
     models = [Net(s) for s in range(3)]
     g = torch.Generator().manual_seed(1)
     data = [torch.randn(b, 3, 8, 8, generator=g) for b in (20, 7, 13)]
@@ -268,7 +269,7 @@ def test_recentred_diagonal_moments_equal_the_full_ones():
     x = torch.randn(2, 50, 3, 6, generator=g, dtype=torch.float64) * 2 + 5  # two models, conv-like (samples, d, positions)
     moms = {}
     for diagonal in (False, True):
-        mom = stats_mod._Moments(2, 3, [(0, 1)], torch.device("cpu"), diagonal)
+        mom = moments_mod.Moments(2, 3, [(0, 1)], torch.device("cpu"), diagonal)
         chunks = mom.add_model(0, x[0], True, count=True, keep=True)[1]
         mom.add_model(1, x[1], True, partners={0: chunks})
         mom.recentre([torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64), torch.zeros(3, dtype=torch.float64)])
@@ -314,15 +315,15 @@ def test_merge_collects_only_variances_for_correlation_aligners(aligner):
 
 @pytest.mark.parametrize("scheme", ["all_to_one", "iterative", "hierarchical"])
 def test_merge_passes_precision_to_every_statistics_pass(monkeypatch, scheme):
-    merge_mod = sys.modules["autoalign.merge"]  # (the package's `merge` attribute is the function)
+    stages_mod = sys.modules["autoalign.stages"]
     seen = []
-    original = merge_mod.collect_stats
+    original = stages_mod.collect_stats
 
     def spy(*args, **kw):
         seen.append(kw.get("precision"))
         return original(*args, **kw)
 
-    monkeypatch.setattr(merge_mod, "collect_stats", spy)
+    monkeypatch.setattr(stages_mod, "collect_stats", spy)
     models = [Net(s) for s in range(3)]
     data = _data()
     res = autoalign.merge_with_report(models, data, aligner="cca", scheme=scheme, repair=None, precision="float64", max_iterations=2)

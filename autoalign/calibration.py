@@ -1,0 +1,284 @@
+"""Calibration data: one object that every pass of a merge reads its batches from.
+
+:class:`Calibration` holds the data (a DataLoader or a list of batches), the
+function that picks the model inputs out of a batch, the batch limit, the
+device and whether to show progress. It is built and checked once, by
+:func:`autoalign.merge`; the statistics pass, the repair passes, averaging, the
+reference choice and aligner selection all take it and ask it for ready inputs
+(:meth:`Calibration.inputs`) or for batches with their class targets
+(:meth:`Calibration.labelled`). Under ``torch.distributed`` a process's
+calibration data is its shard; the passes reduce what they accumulate
+(:mod:`autoalign.distributed`).
+
+The public functions that take ``data`` (:func:`autoalign.collect_stats`,
+:func:`autoalign.reset_bn`, ...) accept a :class:`Calibration` as well as raw
+batches with ``input_fn=``/``num_batches=``/``device=``
+(:meth:`Calibration.coerce`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Iterable, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .errors import AutoalignError, DataError, OptionError
+from .trace import as_input_tuple
+
+__all__ = ["Calibration", "default_input_fn", "class_targets", "batch_error", "describe_inputs", "NO_BATCH"]
+
+#: Message for calibration data that yields no batch.
+NO_BATCH = (
+    "the calibration data yielded no batch; pass a non-empty DataLoader or list of batches "
+    "(check the dataset length, drop_last=, num_batches= and, under torch.distributed, the sampler's shard)"
+)
+
+
+def default_input_fn(batch: Any) -> tuple[Any, ...]:
+    """Model inputs from a batch: a tensor, the first element of a tuple/list
+    ``(input, target)``, or the ``"input"``/``"image"``/``"x"`` entry of a dict.
+
+    Examples
+    --------
+    >>> import torch
+    >>> x, y = torch.zeros(2, 3), torch.tensor([0, 1])
+    >>> default_input_fn((x, y))[0] is x, default_input_fn({"image": x})[0] is x
+    (True, True)
+    """
+    if isinstance(batch, torch.Tensor):
+        return (batch,)
+    if isinstance(batch, (tuple, list)) and batch:
+        return (batch[0],)
+    if isinstance(batch, dict):
+        for k in ("input", "inputs", "image", "images", "x", "pixel_values"):
+            if k in batch:
+                return (batch[k],)
+        raise DataError(f"cannot find the model input in a batch dict with keys {sorted(batch)}; pass input_fn=")
+    raise DataError(f"cannot use a batch of type {type(batch).__name__} as model input; pass input_fn=")
+
+
+def describe_inputs(inputs: Sequence[Any]) -> str:
+    """A short description of model inputs for error messages.
+
+    Examples
+    --------
+    >>> import torch
+    >>> describe_inputs((torch.zeros(2, 3), 5))
+    'Tensor(shape=(2, 3), dtype=torch.float32), int'
+    """
+    parts = []
+    for t in inputs:
+        if isinstance(t, torch.Tensor):
+            parts.append(f"Tensor(shape={tuple(t.shape)}, dtype={t.dtype})")
+        else:
+            parts.append(type(t).__name__)
+    return ", ".join(parts) if parts else "no inputs"
+
+
+def _dtype_hint(model: nn.Module, inputs: Sequence[Any]) -> str:
+    dtypes = {p.dtype for p in model.parameters() if p.is_floating_point()}
+    fin = {t.dtype for t in inputs if isinstance(t, torch.Tensor) and t.is_floating_point()}
+    if len(dtypes) == 1 and fin and fin != dtypes:
+        (dt,) = dtypes
+        return f"; the model is {dt} but the batch holds {sorted(map(str, fin))} tensors: convert the data, e.g. input_fn=lambda b: b[0].to({dt})"
+    return ""
+
+
+def batch_error(model: nn.Module, inputs: Sequence[Any], batch: int, exc: BaseException, who: str = "the model") -> str:
+    """The message for a batch the model cannot consume.
+
+    Examples
+    --------
+    >>> import torch
+    >>> msg = batch_error(torch.nn.Linear(3, 2), (torch.zeros(1, 5),), 4, RuntimeError("bad shape"))
+    >>> print(msg[:83])
+    calibration batch 4 cannot be fed to the model (Linear): inputs Tensor(shape=(1, 5)
+    >>> "pass input_fn=" in msg
+    True
+    """
+    return (
+        f"calibration batch {batch} cannot be fed to {who} ({type(model).__name__}): inputs {describe_inputs(inputs)}; "
+        f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{_dtype_hint(model, inputs)}. "
+        "If the batch is not (input, target), a tensor or a dict with an 'input'/'image'/'x' key, "
+        "pass input_fn= returning the model's positional inputs"
+    )
+
+
+def class_targets(batch: Any, n: int | None = None) -> torch.Tensor | None:
+    """The integer class targets of an ``(input, target)`` batch, shape ``(B,)``, or None.
+
+    ``n``, when given, is the batch size the targets must have.
+
+    Examples
+    --------
+    >>> import torch
+    >>> class_targets((torch.zeros(2, 3), torch.tensor([0, 1]))).tolist(), class_targets(torch.zeros(2, 3))
+    ([0, 1], None)
+    """
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
+        y = batch[1]
+        if y.dim() == 1 and not y.is_floating_point() and (n is None or y.shape[0] == n):
+            return y
+    return None
+
+
+class _Window:
+    """The batches ``start <= i < stop`` of a re-iterable (re-iterable itself)."""
+
+    def __init__(self, data: Iterable[Any], start: int, stop: int | None) -> None:
+        self.data, self.start, self.stop = data, start, stop
+
+    def __iter__(self) -> Iterator[Any]:
+        for i, batch in enumerate(self.data):
+            if self.stop is not None and i >= self.stop:
+                return
+            if i >= self.start:
+                yield batch
+
+    def __len__(self) -> int:
+        if self.stop is None:
+            raise TypeError("an open-ended window has no length")
+        return self.stop - self.start
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """Calibration batches and how to read them.
+
+    Parameters
+    ----------
+    data : re-iterable of batches
+        A DataLoader or a list: tensors, ``(input, target)`` pairs or dicts.
+    input_fn : callable, optional
+        ``input_fn(batch)`` returns the model input (a tensor or a tuple of
+        positional arguments). Default: :func:`default_input_fn`.
+    num_batches : int, optional
+        Read at most this many batches per pass.
+    device : torch.device, optional
+        Where inputs go (default: where each model's parameters are).
+    progress : bool, default False
+        Show a progress bar per pass.
+
+    Raises
+    ------
+    OptionError
+        When ``data`` is a one-shot iterator, or ``num_batches`` is not a positive int.
+
+    Examples
+    --------
+    >>> import torch
+    >>> calib = Calibration([(torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]))] * 3, num_batches=2)
+    >>> [tuple(x.shape) for (x,) in calib.inputs("cpu")]
+    [(4, 3), (4, 3)]
+    >>> tuple(calib.example()[0].shape)
+    (2, 3)
+    """
+
+    data: Iterable[Any]
+    input_fn: Callable[[Any], Any] = default_input_fn
+    num_batches: int | None = None
+    device: torch.device | None = None
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if iter(self.data) is self.data:  # type: ignore[comparison-overlap]
+            raise OptionError("data must be re-iterable (a DataLoader or a list of batches), not a one-shot iterator")
+        nb = self.num_batches
+        if nb is not None and (isinstance(nb, bool) or not isinstance(nb, int) or nb < 1):
+            raise OptionError(f"num_batches must be a positive int or None (all batches), got {nb!r}")
+        if self.input_fn is None:
+            object.__setattr__(self, "input_fn", default_input_fn)
+        if self.device is not None and not isinstance(self.device, torch.device):
+            object.__setattr__(self, "device", torch.device(self.device))
+
+    @classmethod
+    def coerce(
+        cls,
+        data: "Iterable[Any] | Calibration",
+        *,
+        input_fn: Callable[[Any], Any] | None = None,
+        num_batches: int | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = False,
+    ) -> "Calibration":
+        """``data`` itself when it is a :class:`Calibration`, else one built from the arguments."""
+        if isinstance(data, Calibration):
+            return data
+        return cls(data, input_fn or default_input_fn, num_batches, None if device is None else torch.device(device), progress)
+
+    def device_for(self, model: nn.Module) -> torch.device:
+        """Where ``model``'s inputs go: the calibration's device, else where its parameters are."""
+        if self.device is not None:
+            return self.device
+        return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def __len__(self) -> int:
+        """The number of batches a pass reads (raises TypeError for data without a length)."""
+        total = len(self.data)  # type: ignore[arg-type]
+        return total if self.num_batches is None else min(total, self.num_batches)
+
+    def batches(self, desc: str | None = None) -> Iterator[Any]:
+        """The raw batches of one pass (at most ``num_batches``), with a progress bar named
+        ``desc`` when ``progress`` is on."""
+        it: Iterable[Any] = self.data
+        if self.progress and desc:
+            from tqdm.auto import tqdm
+
+            try:
+                total: int | None = len(self)
+            except TypeError:
+                total = self.num_batches
+            it = tqdm(self.data, total=total, desc=desc, unit="batch", leave=False)
+        for seen, batch in enumerate(it):
+            if self.num_batches is not None and seen >= self.num_batches:
+                return
+            yield batch
+
+    def inputs_of(self, batch: Any, device: torch.device | str | None) -> tuple[Any, ...]:
+        """A batch's model inputs, tensors moved to ``device`` (None: left where they are)."""
+        inputs = as_input_tuple(self.input_fn(batch))
+        if device is None:
+            return inputs
+        dev = torch.device(device)
+        return tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in inputs)
+
+    def inputs(self, device: torch.device | str | None, desc: str | None = None) -> Iterator[tuple[Any, ...]]:
+        """The model inputs of one pass, tensors on ``device``."""
+        for batch in self.batches(desc):
+            yield self.inputs_of(batch, device)
+
+    def labelled(self, device: torch.device | str | None, desc: str | None = None) -> Iterator[tuple[tuple[Any, ...], Any]]:
+        """``(inputs, batch)`` per batch of one pass: the ready inputs and the raw batch,
+        whose class targets :func:`class_targets` reads."""
+        for batch in self.batches(desc):
+            yield self.inputs_of(batch, device), batch
+
+    def example(self) -> tuple[Any, ...]:
+        """The first batch's inputs cut to two samples (for tracing), on the calibration's device.
+
+        Raises
+        ------
+        DataError
+            When the data yields no batch.
+        """
+        for batch in self.data:
+            inputs = self.inputs_of(batch, self.device)
+            return tuple(t[:2] if isinstance(t, torch.Tensor) and t.dim() > 0 else t for t in inputs)
+        raise DataError(NO_BATCH)
+
+    def window(self, start: int, stop: int | None) -> "Calibration":
+        """The same calibration restricted to batches ``start <= i < stop`` (no batch limit)."""
+        return replace(self, data=_Window(self.data, start, stop), num_batches=None)
+
+    def run(self, model: nn.Module, inputs: tuple[Any, ...], batch: int, who: str = "the model", *, named: nn.Module | None = None) -> Any:
+        """``model(*inputs)``; any error but the library's is re-raised as a :class:`DataError`
+        naming the batch, ``who`` and the class of ``named`` (default ``model``; a traced copy
+        names the user's model)."""
+        try:
+            return model(*inputs)
+        except AutoalignError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - re-raised naming the batch
+            raise DataError(batch_error(named if named is not None else model, inputs, batch, exc, who=who)) from exc
