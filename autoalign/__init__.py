@@ -32,7 +32,9 @@ from .errors import (
 from .graph import RuleContext, find_merge_points, register_channel_rule
 from .spec import AxisRole, FoldedNorm, MergePoint, MergeSpec, Site
 from .testing import CheckReport, check
+from .calibration import Calibration
 from .merge import MergeReport, MergeResult, merge, merge_with_report
+from .options import MergeOptions
 from .repair import reset_bn
 from .stats import Stats, collect_stats
 from .trace import trace
@@ -42,6 +44,8 @@ __version__ = "0.1.0"
 __all__ = [
     "AlignProblem",
     "Aligner",
+    "Calibration",
+    "MergeOptions",
     "MergeReport",
     "MergeResult",
     "Plan",

@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import MergeError
-from .trace import as_input_tuple, eval_mode
+from .calibration import Calibration, class_targets
+from .trace import eval_mode
 
 __all__ = ["Selection", "AUTO_CANDIDATES", "RIDGE_GRID", "selection_candidates", "split_batches", "heldout_loss"]
 
@@ -104,24 +105,7 @@ def selection_candidates(aligner: Any, options: dict[str, Any]) -> tuple[str, li
     return None
 
 
-class _BatchRange:
-    """The batches ``start <= i < stop`` of a re-iterable (re-iterable itself)."""
-
-    def __init__(self, data: Iterable[Any], start: int, stop: int) -> None:
-        self.data, self.start, self.stop = data, start, stop
-
-    def __iter__(self) -> Iterator[Any]:
-        for i, batch in enumerate(self.data):
-            if i >= self.stop:
-                return
-            if i >= self.start:
-                yield batch
-
-    def __len__(self) -> int:
-        return self.stop - self.start
-
-
-def split_batches(data: Iterable[Any], num_batches: int | None) -> tuple[_BatchRange, _BatchRange]:
+def split_batches(calib: Calibration) -> tuple[Calibration, Calibration]:
     """``(fit, held_out)``: the first batches and the last ``HELDOUT_FRACTION`` of them (at least one).
 
     Raises
@@ -130,49 +114,36 @@ def split_batches(data: Iterable[Any], num_batches: int | None) -> tuple[_BatchR
         When there are fewer than two batches.
     """
     try:
-        total = len(data)  # type: ignore[arg-type]
+        total = len(calib)
     except TypeError:
-        total = sum(1 for _ in data)
-    if num_batches is not None:
-        total = min(total, num_batches)
+        total = sum(1 for _ in calib.batches())
     if total < 2:
         raise MergeError(
             f"choosing by held-out loss needs at least 2 calibration batches (one to merge on, one to score), "
             f"got {total}; pass more data or smaller batches"
         )
     held = max(1, int(math.floor(HELDOUT_FRACTION * total)))
-    return _BatchRange(data, 0, total - held), _BatchRange(data, total - held, total)
-
-
-def _labels(batch: Any) -> torch.Tensor | None:
-    if isinstance(batch, (tuple, list)) and len(batch) >= 2 and isinstance(batch[1], torch.Tensor):
-        y = batch[1]
-        if y.dim() == 1 and not torch.is_floating_point(y):
-            return y
-    return None
+    return calib.window(0, total - held), calib.window(total - held, total)
 
 
 def heldout_loss(
     merged: nn.Module,
     models: Sequence[nn.Module],
-    held: Iterable[Any],
+    held: Calibration,
     *,
-    input_fn: Callable[[Any], Any],
-    device: torch.device | str | None,
     ensemble: list[torch.Tensor] | None = None,
 ) -> tuple[float, str, list[torch.Tensor]]:
     """Mean held-out loss of ``merged`` (see the module docstring), the loss's name, and the
     ensemble outputs per batch (pass them back in as ``ensemble`` to reuse them)."""
-    dev = torch.device(device) if device is not None else next((p.device for p in merged.parameters()), torch.device("cpu"))
+    dev = held.device_for(merged)
     total, count, kind = 0.0, 0, ""
     keep = ensemble if ensemble is not None else []
     with torch.no_grad(), eval_mode(merged, *models):
-        for k, batch in enumerate(held):
-            inputs = tuple(t.to(dev) if isinstance(t, torch.Tensor) else t for t in as_input_tuple(input_fn(batch)))
+        for k, (inputs, batch) in enumerate(held.labelled(dev)):
             out = merged(*inputs)
             if not isinstance(out, torch.Tensor):
                 raise MergeError(f"choosing by held-out loss needs a model that returns a tensor, got {type(out).__name__}")
-            y = _labels(batch)
+            y = class_targets(batch)
             if y is not None and out.dim() == 2 and y.shape[0] == out.shape[0]:
                 kind = "cross_entropy"
                 total += float(F.cross_entropy(out.float(), y.to(dev), reduction="sum"))

@@ -90,5 +90,5 @@ def test_one_batch_is_not_enough_to_choose(setup):
     models, batches = setup
     with pytest.raises(autoalign.MergeError, match="at least 2 calibration batches"):
         autoalign.merge(models, batches[:1], aligner="auto")
-    fit, held = split_batches(batches, num_batches=3)
-    assert (len(fit), len(held)) == (2, 1) and list(held)[0] is batches[2]
+    fit, held = split_batches(autoalign.Calibration(batches, num_batches=3))
+    assert (len(fit), len(held)) == (2, 1) and list(held.batches())[0] is batches[2]

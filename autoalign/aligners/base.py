@@ -13,13 +13,16 @@ role (see :mod:`autoalign.apply`).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Sequence
 
 import torch
 
-from ..spec import MergePoint, MergeSpec
+from ..errors import MergeError
+from ..spec import MergePoint, MergeSpec, kind_rank
 from ..stats import PointStats, Stats
+from ..vocab import Needs, SelfMoments
+from .linalg import is_orthogonal, is_permutation, nearest_orthogonal, nearest_permutation
 
 __all__ = ["AlignProblem", "PointPlan", "Plan", "Aligner", "PointwiseAligner", "ReferenceAligner"]
 
@@ -105,6 +108,54 @@ class PointPlan:
     projected: str | None = None
     seconds: float = 0.0
 
+    def _with(self, merges: list[torch.Tensor], unmerges: list[torch.Tensor], **changes: Any) -> "PointPlan":
+        return replace(self, merges=merges, unmerges=unmerges, **changes)
+
+    def projected_onto(self, kind: str) -> "PointPlan":
+        """The plan projected onto the transforms a point of ``kind`` allows (``projected``
+        records it; a plan already of that kind is returned as is).
+
+        Examples
+        --------
+        >>> import torch
+        >>> m = torch.tensor([[0.9, 0.1], [0.2, 0.8]], dtype=torch.float64)
+        >>> pp = PointPlan([m], [m.inverse()]).projected_onto("permutation")
+        >>> pp.merges[0].tolist(), pp.projected
+        ([[1.0, 0.0], [0.0, 1.0]], 'permutation')
+        """
+        if kind == "linear":
+            return self
+        if kind == "permutation":
+            if all(is_permutation(m) for m in self.merges):
+                return self
+            merges = [nearest_permutation(m) for m in self.merges]
+        elif kind == "orthogonal":
+            if all(is_orthogonal(m) for m in self.merges):
+                return self
+            merges = [nearest_orthogonal(m) for m in self.merges]
+        else:
+            raise MergeError(f"cannot project onto kind {kind!r}")
+        return self._with(merges, [m.T.contiguous() for m in merges], kind=kind, projected=kind)
+
+    def without_last(self) -> "PointPlan":
+        """The plan without its last model (the iterative scheme's current merged model)."""
+        return self._with(self.merges[:-1], self.unmerges[:-1])
+
+    def rebased(self, ref: int) -> "PointPlan":
+        """The plan expressed in model ``ref``'s coordinates: ``U_ref M_m`` and ``U_m M_ref``.
+
+        The iterative scheme aligns every model to the merged model; going through it
+        to the reference keeps the reference's weights untouched (its maps become the
+        identity), so dense maps, which are exact for no model through a nonlinearity,
+        still leave one model exact. Products of permutations (orthogonal maps) stay
+        permutations (orthogonal).
+        """
+        to_ref, from_ref = self.unmerges[ref], self.merges[ref]
+        eye = torch.eye(to_ref.shape[0], dtype=to_ref.dtype, device=to_ref.device)
+        merges = [eye if m == ref else to_ref @ self.merges[m] for m in range(len(self.merges))]
+        unmerges = [eye if m == ref else self.unmerges[m] @ from_ref for m in range(len(self.unmerges))]
+        return self._with(merges, unmerges)
+
 
 @dataclass
 class Plan:
@@ -124,6 +175,39 @@ class Plan:
     def transforms_for(self, m: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """``{point: (merge, unmerge)}`` for model ``m`` (input of :func:`autoalign.transform_state_dict`)."""
         return {name: (pp.merges[m], pp.unmerges[m]) for name, pp in self.points.items()}
+
+    def change_from(self, old: "Plan") -> float:
+        """Largest relative Frobenius change of any model's merge matrix at any point
+        (``inf`` when a point is new)."""
+        change = 0.0
+        for name, pp in self.points.items():
+            prev = old.points.get(name)
+            if prev is None:
+                return float("inf")
+            for a, b in zip(prev.merges, pp.merges):
+                change = max(change, float(torch.linalg.norm(b - a) / torch.linalg.norm(a).clamp_min(1e-12)))
+        return change
+
+    def checked_against(self, spec: MergeSpec, n_models: int, who: str) -> "Plan":
+        """Check the plan against the spec (no transform at a frozen point, one merge and
+        unmerge matrix per model) and project each point's transforms onto its kind.
+
+        Raises
+        ------
+        MergeError
+            Naming the aligner ``who`` and the merge point.
+        """
+        for p in spec.points:
+            pp = self.points.get(p.name)
+            if pp is None:
+                continue
+            if p.kind == "frozen":
+                raise MergeError(f"aligner {who} returned a transform for frozen merge point {p.name!r}")
+            if len(pp.merges) != n_models or len(pp.unmerges) != n_models:
+                raise MergeError(f"aligner {who}: merge point {p.name!r} needs {n_models} merge and unmerge matrices")
+            if kind_rank(pp.kind) > kind_rank(p.kind) or p.kind != "linear":
+                self.points[p.name] = pp.projected_onto(p.kind)
+        return self
 
 
 class Aligner:
@@ -149,9 +233,11 @@ class Aligner:
     """
 
     name: ClassVar[str] = ""
-    needs: ClassVar[str] = "reference"
-    self_moments: ClassVar[str] = "full"
+    needs: ClassVar[Needs] = "reference"
+    self_moments: ClassVar[SelfMoments] = "full"
     description: ClassVar[str] = ""
+    #: What a user choosing a scheme should know (e.g. that the aligner iterates itself).
+    scheme_note: ClassVar[str] = ""
 
     def __init__(self, **options: Any) -> None:
         if options:

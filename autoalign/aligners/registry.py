@@ -17,6 +17,8 @@ import warnings
 from typing import Any, TypeVar
 
 from ..errors import OptionError
+from ..options import MERGE_ARGUMENTS
+from ..vocab import NEEDS, SELF_MOMENTS
 from .base import Aligner
 
 __all__ = ["register_aligner", "get_aligner", "list_aligners", "describe_aligners", "aligner_options", "reload_plugins", "ENTRY_POINT_GROUP"]
@@ -36,10 +38,11 @@ def register_aligner(cls: A | None = None, *, name: str | None = None, replace: 
 
     Raises
     ------
-    TypeError
-        If ``cls`` is not an Aligner subclass.
-    ValueError
-        If the name is empty or taken and ``replace`` is False.
+    OptionError
+        If ``cls`` is not an Aligner subclass, has no name, declares ``needs`` or
+        ``self_moments`` outside their vocabularies (:mod:`autoalign.vocab`), does
+        not implement ``solve``, or the name is taken and ``replace`` is False.
+        (``OptionError`` is a ``TypeError`` and a ``ValueError``, as raised before.)
 
     Examples
     --------
@@ -53,12 +56,20 @@ def register_aligner(cls: A | None = None, *, name: str | None = None, replace: 
     if cls is None:
         return lambda c: register_aligner(c, name=name, replace=replace)
     if not (isinstance(cls, type) and issubclass(cls, Aligner)):
-        raise TypeError(f"register_aligner expects an Aligner subclass, got {cls!r}")
+        raise OptionError(f"register_aligner expects an Aligner subclass, got {cls!r}")
     key = name or cls.name
-    if not key:
-        raise ValueError(f"{cls.__name__} has no name; set the class attribute `name` or pass name=")
+    if not key or not isinstance(key, str):
+        raise OptionError(f"{cls.__name__} has no name; set the class attribute `name` or pass name=")
+    if cls.needs not in NEEDS:
+        raise OptionError(f"aligner {key!r} ({cls.__qualname__}) declares needs={cls.needs!r}; expected one of {NEEDS}")
+    if cls.self_moments not in SELF_MOMENTS:
+        raise OptionError(
+            f"aligner {key!r} ({cls.__qualname__}) declares self_moments={cls.self_moments!r}; expected one of {SELF_MOMENTS}"
+        )
+    if not callable(getattr(cls, "solve", None)) or cls.solve is Aligner.solve:
+        raise OptionError(f"aligner {key!r} ({cls.__qualname__}) does not implement solve(problem)")
     if key in _REGISTRY and _REGISTRY[key] is not cls and not replace:
-        raise ValueError(f"an aligner named {key!r} is already registered ({_REGISTRY[key].__qualname__}); pass replace=True")
+        raise OptionError(f"an aligner named {key!r} is already registered ({_REGISTRY[key].__qualname__}); pass replace=True")
     _REGISTRY[key] = cls
     return cls
 
@@ -151,14 +162,6 @@ def aligner_options(cls: type[Aligner] | str) -> list[str] | None:
     return [p.name for p in params if p.kind in (inspect.Parameter.KEYWORD_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)]
 
 
-def _merge_arguments() -> list[str]:
-    try:
-        from ..merge import merge_with_report
-    except ImportError:  # pragma: no cover
-        return []
-    return [k for k in inspect.signature(merge_with_report).parameters if k not in ("models", "data", "aligner_options")]
-
-
 def _unknown_option_message(name: str, unknown: list[str], valid: list[str]) -> str:
     parts = []
     for u in unknown:
@@ -166,7 +169,7 @@ def _unknown_option_message(name: str, unknown: list[str], valid: list[str]) -> 
         if close:
             parts.append(f"{u!r} (did you mean {close[0]!r}?)")
             continue
-        close = difflib.get_close_matches(u, _merge_arguments(), n=1)
+        close = difflib.get_close_matches(u, list(MERGE_ARGUMENTS), n=1)
         parts.append(f"{u!r}" + (f" (did you mean merge()'s argument {close[0]!r}?)" if close else ""))
     what = "option" if len(unknown) == 1 else "options"
     return (

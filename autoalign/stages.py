@@ -1,0 +1,213 @@
+"""The stages of a merge, each one step of the pipeline that :mod:`autoalign.merge` runs:
+
+1. :func:`choose_reference` — the model all others are aligned to;
+2. :func:`discover` — the merge points (:func:`autoalign.find_merge_points`);
+3. :func:`collect` — feature statistics (:func:`autoalign.collect_stats`);
+4. :func:`solve` — the aligner's plan, checked and projected onto each point's kind;
+5. :func:`apply` — every model's state dict transformed by the plan, then averaged;
+6. :func:`average` — another combination of the aligned models, when asked for;
+7. :func:`repair` — the merged model's statistics restored (:mod:`autoalign.repair`).
+
+Schemes (:mod:`autoalign.schemes`) compose them. Every stage takes the
+:class:`~autoalign.calibration.Calibration` and the
+:class:`~autoalign.options.MergeOptions` rather than their parts.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .aligners import AlignProblem, Aligner, Plan
+from .apply import average_state_dicts, folds_needed, transform_state_dict
+from .averaging import average_aligned
+from .calibration import Calibration
+from .errors import MergeError
+from .graph.discover import find_merge_points
+from .options import MergeOptions
+from .repair import (
+    has_batchnorm,
+    output_channel_stats,
+    repair_producers,
+    repair_sites,
+    reset_bn,
+    restore_batchnorm,
+    set_batchnorm_affine,
+    site_maps,
+)
+from .spec import FoldedNorm, MergeSpec
+from .stats import Stats, collect_stats
+from .trace import eval_mode
+from .validate import check_example
+
+__all__ = ["Applied", "choose_reference", "discover", "collect", "solve", "apply", "average", "repair", "repair_mode_for"]
+
+#: State dicts of one model each.
+StateDicts = list[dict[str, torch.Tensor]]
+
+
+def choose_reference(models: Sequence[nn.Module], calib: Calibration, reference: int | str) -> int:
+    """``reference`` itself, or for ``"best"`` the model with the lowest cross-entropy on the
+    calibration data.
+
+    Raises
+    ------
+    MergeError
+        For ``"best"`` without ``(input, target)`` batches.
+    """
+    if not isinstance(reference, str):
+        return int(reference)
+    losses = [0.0] * len(models)
+    with torch.no_grad(), eval_mode(*models):
+        for inputs, batch in calib.labelled(calib.device):
+            target = batch[1] if isinstance(batch, (tuple, list)) and len(batch) >= 2 else None
+            if not isinstance(target, torch.Tensor):
+                raise MergeError('reference="best" needs (input, target) batches to compute the calibration loss')
+            target = target.to(calib.device) if calib.device is not None else target
+            for i, m in enumerate(models):
+                losses[i] += float(F.cross_entropy(m(*inputs), target, reduction="sum"))
+    return int(min(range(len(models)), key=lambda i: losses[i]))
+
+
+def discover(model: nn.Module, calib: Calibration, opts: MergeOptions) -> MergeSpec:
+    """The merge points of ``model`` (or the options' precomputed spec), observed where
+    ``opts.features`` says; the first batch is checked on the model before tracing."""
+    spec = opts.spec
+    if spec is None:
+        example = calib.example()
+        check_example(model, example)
+        spec = find_merge_points(model, example, **opts.trace_options)
+    return spec.observed_at(opts.features)
+
+
+def collect(models: Sequence[nn.Module], calib: Calibration, spec: MergeSpec, al: Aligner, reference: int, opts: MergeOptions) -> Stats | None:
+    """The feature statistics the aligner needs (None for a data-free aligner)."""
+    if al.needs == "none":
+        return None
+    return collect_stats(
+        models, calib, spec, needs=al.needs, reference=reference, self_moments=al.self_moments,
+        precision=opts.precision, trace_options=opts.trace_options,
+    )
+
+
+def state_dicts(models: Sequence[nn.Module]) -> StateDicts:
+    """Detached state dicts of the models (no copies)."""
+    return [{k: v.detach() for k, v in m.state_dict().items()} for m in models]
+
+
+def solve(al: Aligner, spec: MergeSpec, sds: StateDicts, reference: int, w: torch.Tensor, stats: Stats | None, buffers: frozenset[str]) -> Plan:
+    """Run the aligner, check its plan against the spec and project it onto each point's kind."""
+    plan = al.solve(AlignProblem(spec, sds, reference, w, stats, buffers))
+    if not isinstance(plan, Plan):
+        raise MergeError(f"aligner {al!r} returned {type(plan).__name__}, not a Plan")
+    return plan.checked_against(spec, len(sds), repr(al))
+
+
+class Applied:
+    """The plan applied: each model's moved state dict, the folded BatchNorms and the average.
+
+    Attributes
+    ----------
+    moved : list of dict
+        Per model, its state dict in merged coordinates.
+    folds : list of FoldedNorm
+        BatchNorms folded into their producers.
+    merged : dict
+        The weighted average of ``moved``.
+    """
+
+    def __init__(self, moved: StateDicts, folds: list[FoldedNorm], merged: dict[str, torch.Tensor]) -> None:
+        self.moved, self.folds, self.merged = moved, folds, merged
+
+    @property
+    def folded_names(self) -> list[str]:
+        """Module names of the affine BatchNorm layers among the folds."""
+        return sorted({f.running_mean.rsplit(".", 1)[0] for f in self.folds if f.weight and f.bias})
+
+
+def apply(sds: StateDicts, spec: MergeSpec, plan: Plan, w: torch.Tensor, batchnorm: str = "fold") -> Applied:
+    """Transform every model's state dict by the plan and average.
+
+    ``batchnorm="transform"`` folds nothing: BatchNorm vectors are multiplied by the
+    point's matrix like a bias (the authors' formulation; approximate for dense maps)."""
+    per_model = [plan.transforms_for(m) for m in range(len(sds))]
+    folds = folds_needed(spec, per_model) if batchnorm == "fold" else []
+    moved = [transform_state_dict(sds[m], spec, per_model[m], folds=folds) for m in range(len(sds))]
+    return Applied(moved, folds, average_state_dicts(moved, w.tolist()))
+
+
+def average(template: nn.Module, applied: Applied, w: torch.Tensor, calib: Calibration, opts: MergeOptions) -> dict[str, Any]:
+    """Replace ``applied.merged`` by the combination ``opts.averaging`` asks for (no-op for the
+    plain weighted mean); returns what the averaging reports."""
+    if opts.averaging == "uniform" and not opts.averaging_options:
+        return {}
+    applied.merged, info = average_aligned(
+        opts.averaging, template, applied.moved, w.tolist(), calib, options=opts.averaging_options
+    )
+    return info
+
+
+def repair_mode_for(model: nn.Module, repair: str | None) -> str | None:
+    """The repair to run: ``"auto"`` is ``"reset_bn"`` on a model with BatchNorm, else none."""
+    if repair == "auto":
+        return "reset_bn" if has_batchnorm(model) else None
+    return None if repair in (None, "none") else repair
+
+
+def repair(
+    out: nn.Module,
+    mode: str | None,
+    models: Sequence[nn.Module],
+    applied: Applied,
+    spec: MergeSpec,
+    plan: Plan,
+    w: torch.Tensor,
+    calib: Calibration,
+) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]] | None, dict[str, str]]:
+    """Repair ``out`` in place: ``mode`` ``"reset_bn"`` or ``"repair"``; with no repair,
+    folded BatchNorms get their statistics and scale back. Returns (targets, notes)."""
+    if mode not in ("reset_bn", "repair"):
+        if applied.folds:
+            # no repair: the function stays the plain merge, and folded BatchNorms get their
+            # statistics and scale back (instead of staying identity layers)
+            restore_batchnorm(out, applied.folded_names, calib)
+        return None, {}
+    if mode == "repair":
+        producers, bns = repair_sites(out, spec)
+        names = producers + bns
+    else:
+        names = applied.folded_names
+    targets = _repair_targets(models, applied, spec, plan, w, calib, names)
+    if mode == "repair":
+        return targets, repair_producers(out, targets, calib)
+    # a folded BatchNorm has no learned scale left: it gets the aligned models' output
+    # statistics as its affine *before* the statistics pass, so every later BatchNorm
+    # estimates its statistics on the inputs it will see
+    set_batchnorm_affine(out, targets)
+    reset_bn(out, calib)
+    return targets, {}
+
+
+def _repair_targets(
+    models: Sequence[nn.Module], applied: Applied, spec: MergeSpec, plan: Plan, w: torch.Tensor, calib: Calibration, names: list[str]
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """REPAIR's targets: the per-channel statistics each model's own output has at a site, in
+    merged coordinates (layerwise: an aligned model run end to end drifts under dense maps);
+    sites that are not exactly one point's coordinates use the aligned models."""
+    maps, mapped, rest = site_maps(spec, names, [plan.transforms_for(m) for m in range(len(models))])
+    targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    if mapped:
+        targets = output_channel_stats(models, mapped, calib, weights=w.tolist(), maps=maps)
+    if rest:
+        aligned = []
+        for m, model in enumerate(models):
+            mm = copy.deepcopy(model)
+            mm.load_state_dict(applied.moved[m])
+            aligned.append(mm)
+        targets.update(output_channel_stats(aligned, rest, calib, weights=w.tolist()))
+    return targets
+
