@@ -1,7 +1,7 @@
 """Issue #8: benchmark answers to the questions the CCA Merge paper left open.
 
 One sub-command per question, all on MNIST MLPs (784-512-512-10 by default, the
-models of the MNIST section of docs/results.md, reused from the checkpoint cache of
+models of docs/results/mnist_mlp.md, reused from the checkpoint cache of
 ``benchmarks/train.py``), N models per merge, several draws of N models, every
 draw reported. Each writes ``results.json`` and ``results.md`` under
 ``<out>/<item>/`` (default ``benchmarks/out/beyond/<item>/``):
@@ -33,7 +33,7 @@ draw reported. Each writes ``results.json`` and ``results.md`` under
 ``all``
     everything above, one after the other.
 
-Example (the runs of the "Beyond the paper" section of docs/results.md)::
+Example (the runs of docs/results/beyond.md)::
 
     nice -n 19 python benchmarks/beyond.py ablation --data-root ../shared/data --threads 1
 

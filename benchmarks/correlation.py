@@ -21,7 +21,8 @@ Example::
 
     python benchmarks/correlation.py --dataset mnist --arch mlp --hidden 512 512 --epochs 5 \\
         --seeds 0 1 --point layers.0 --data-root ../shared/data \\
-        --out-png docs/img/correlation_mnist_mlp.png --out-json docs/correlation_mnist_mlp.json
+        --out-png docs/img/correlation_mnist_mlp.png \\
+        --out-json benchmarks/results/correlation/correlation_mnist_mlp.json
 
 Writes a two-panel histogram (PNG) and a JSON file with the summary numbers (and
 all per-neuron values).

@@ -28,7 +28,7 @@ happens depends on what the process allocated before. Setting
 ``MALLOC_MMAP_THRESHOLD_`` and ``MALLOC_TRIM_THRESHOLD_`` (recorded in the
 command when set) makes glibc keep freed memory, for both sides alike.
 
-Example (the "Cost" section of docs/results.md)::
+Example (docs/results/cost.md; raw results in benchmarks/results/cost/)::
 
     nice -n 19 python benchmarks/cost.py --widths 128 256 512 1024 --n 2 4 8 \\
         --aligners cca permutation --samples 5000 --threads 1 --out benchmarks/out/cost

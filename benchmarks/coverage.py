@@ -8,6 +8,11 @@ Each model is built randomly initialised (constant-initialised tensors perturbed
 BatchNorm calibrated on random images; see ``autoalign.zoo.torchvision_example``),
 its merge points are discovered, and the self-check permutes every non-frozen
 point and compares outputs (eval mode, float32).
+
+Rows are kept in ``--state`` (default ``benchmarks/out/coverage_rows.json``) so a later run
+resumes; the rows of the committed docs/coverage.md are in
+``benchmarks/results/coverage/coverage_rows.json``, and ``--render`` rewrites docs/coverage.md
+from ``--state``'s default file if present, else from that copy.
 """
 
 from __future__ import annotations
@@ -127,7 +132,7 @@ def write_doc(done: dict[str, dict], out: str, names: list[str]) -> None:
 if __name__ == "__main__":
     if len(__import__("sys").argv) > 1 and __import__("sys").argv[1] == "--render":
         src = pathlib.Path("benchmarks/out/coverage_rows.json")
-        rows = json.loads((src if src.exists() else pathlib.Path("docs/coverage_rows.json")).read_text())
+        rows = json.loads((src if src.exists() else pathlib.Path("benchmarks/results/coverage/coverage_rows.json")).read_text())
         write_doc(rows, "docs/coverage.md", torchvision_classifiers())
     else:
         main()

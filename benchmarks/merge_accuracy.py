@@ -11,13 +11,13 @@ A *method* is a triple (aligner, scheme, repair):
   (REPAIR, Jordan et al. 2023) (``--repairs``; default ``none reset_bn`` for models
   with BatchNorm, ``none`` otherwise).
 
-Example (the MNIST smoke setting of docs/results.md)::
+Example (the MNIST smoke setting of docs/results/mnist_mlp.md)::
 
     python benchmarks/merge_accuracy.py --dataset mnist --arch mlp --hidden 512 512 \\
         --seeds 0 1 2 3 4 5 6 7 --n 2 4 8 --draws 3 --epochs 5 --data-root ../shared/data \\
         --out benchmarks/out/mnist_mlp
 
-The CIFAR-10 CPU setting of docs/results.md::
+The CIFAR-10 CPU setting of docs/results/cifar10_smallcnn.md::
 
     nice -n 19 python benchmarks/merge_accuracy.py --dataset cifar10 --arch smallcnn --width 16 \\
         --epochs 3 --train-subset 30000 --seeds 0 1 2 3 4 5 6 7 --n 2 4 8 --draws 3 \\

@@ -3,7 +3,7 @@
 Test accuracy of one cached checkpoint as trained, then after ``autoalign.reset_bn`` on
 a fixed random subset of training images, once plain and once with training's
 augmentation (random crop with zero padding, flip; one fixed draw). Example (the
-ResNet20 ×1 row of docs/results.md)::
+ResNet20 ×1 row of docs/results/batchnorm.md)::
 
     python benchmarks/recalibrate_bn.py ~/.cache/autoalign/checkpoints/cifar10_resnet20_8077fab93382_seed0.pt \\
         --dataset cifar10 --calibration 5000 --data-root ../shared/data

@@ -11,7 +11,8 @@ statistics (``reset_bn``) on the same calibration data:
 * ``reference``: the reference model's own ``γ``, ``β`` (asymmetric in the weights);
 * ``library``: ``merge(..., repair="reset_bn")`` itself, for comparison.
 
-Example (the ResNet20 rows of docs/results.md)::
+Example (the ResNet20 rows of docs/results/batchnorm.md; output in
+benchmarks/results/repair_targets/)::
 
     python benchmarks/repair_targets.py --seeds 0 3 --aligner cca --data-root ../shared/data \\
         --checkpoint-pattern ~/.cache/autoalign/checkpoints/cifar10_resnet20_8077fab93382_seed{}.pt

@@ -20,7 +20,7 @@ same images for every seed), e.g. for CPU smoke runs::
         --train-subset 25000 --seeds 0 1 2 3 4 5 6 7 --data-root ../shared/data
 
 ``--device`` defaults to ``cuda`` when a GPU is visible, else ``cpu``. Base test
-accuracies of the runs reported in docs/results.md are listed there, next to
+accuracies of the runs reported in docs/results/ are listed there, next to
 each table.
 
 The seed sets both the initialisation and the data order / augmentation. Each

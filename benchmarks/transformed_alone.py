@@ -11,7 +11,8 @@ accuracy of
 * ``B moved``: B transformed into A's coordinates, alone (``merge([A, B], weights=(0, 1))``);
 * ``merged``: the plain merge (``weights=(1, 1)``);
 
-with each repair mode. Example (the residual BatchNorm CNN of docs/results.md)::
+with each repair mode. Example (the residual BatchNorm CNN of docs/results/batchnorm.md;
+output in benchmarks/results/transformed_alone/)::
 
     python benchmarks/transformed_alone.py --dataset mnist --arch resbn --epochs 1 --seeds 0 1 \\
         --aligners permutation cca procrustes --calibration 2000 --data-root ../shared/data \\

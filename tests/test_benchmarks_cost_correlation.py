@@ -17,7 +17,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks import correlation, cost, merge_accuracy, page_faults, stats_breakdown  # noqa: E402
+from benchmarks import correlation, cost, merge_accuracy  # noqa: E402
 from benchmarks.models import MLP  # noqa: E402
 from benchmarks.train import make_config, subset_indices, train_models  # noqa: E402
 
@@ -58,14 +58,6 @@ def test_peak_memory_sees_a_tensor_allocation() -> None:
         float(t.sum())
     del t
     assert mem.peak > 32 * 2**20
-
-
-def test_page_faults_sequence_tiny_mlp(capsys: pytest.CaptureFixture[str]) -> None:
-    rows = page_faults.run("mlp", 8, 2, samples=32, batch=16, in_features=6)
-    assert [name for name, _, _ in rows] == list(page_faults.SEQUENCE)
-    assert all(sec > 0 and isinstance(f, int) and f >= 0 for _, sec, f in rows)
-    assert page_faults.main(["--model", "mlp", "--width", "8", "--n", "2", "--samples", "16", "--batch", "8"]) == 0
-    assert capsys.readouterr().out.count("faults") == len(page_faults.SEQUENCE)
 
 
 def test_cost_all_pairs_aligner_holds_more_blocks() -> None:
@@ -212,15 +204,6 @@ def test_cost_measure_tiny_resnet20_records_every_repeat() -> None:
     md = cost.to_markdown({"command": "x", "machine": "m", "torch": "t", "date": "d", "samples": 8, "batch": 4,
                            "in_features": 784, "model": "resnet20", "repeats": 2, "rows": [row]})
     assert "ResNet20 with width multiplier d" in md and "| cca | 0.25 | 2 |" in md
-
-
-@pytest.mark.parametrize("self_moments", ["full", "diagonal"])
-def test_stats_breakdown_tiny_mlp(capsys: pytest.CaptureFixture[str], self_moments: str) -> None:
-    rows = stats_breakdown.run(8, 3, self_moments=self_moments, samples=32, batch=16, in_features=6, repeats=1)
-    assert [name for name, _ in rows] == ["floor", "tapped forward", "per-site work", "Gram products", "tracing", "collect_stats"]
-    assert all(ms > 0 for _, ms in rows)
-    assert stats_breakdown.main(["--width", "8", "--n", "2", "--samples", "16", "--batch", "8", "--repeats", "1"]) == 0
-    assert capsys.readouterr().out.count("x floor") == len(rows)
 
 
 def test_merge_one_passes_a_variant_s_options(monkeypatch: pytest.MonkeyPatch) -> None:
