@@ -25,7 +25,7 @@ from scipy.sparse.csgraph import connected_components
 from torch import nn
 
 from ..errors import SpecError
-from ..spec import KINDS, AxisRole, MergePoint, MergeSpec, Site, _replica_index, kind_rank
+from ..spec import KINDS, AxisRole, MergePoint, MergeSpec, Site, replica_index, kind_rank
 from ..trace import as_input_tuple, eval_mode, trace
 from . import rules  # noqa: F401 - registers the built-in rules
 from .context import ZERO, LabelState, ParamOrigin, RuleContext, unique_ids
@@ -259,7 +259,7 @@ def assemble(state: LabelState, model: nn.Module | None = None) -> MergeSpec:
     for ax in axes:
         for p in ax.points():
             pos = np.nonzero(ax.point_of == p)[0]
-            if _replica_index(pos, ax.local_of[pos], dims[p]) is None and p_rank[p] > 0:
+            if replica_index(pos, ax.local_of[pos], dims[p]) is None and p_rank[p] > 0:
                 p_rank[p] = 0
                 p_reason[p] = f"coordinates occur unevenly along {ax.tensor} axis {ax.axis}"
             if ax.role == "channel" and p_rank[p] > kind_rank("permutation"):
@@ -281,7 +281,7 @@ def assemble(state: LabelState, model: nn.Module | None = None) -> MergeSpec:
             if (p, node_name) in site_seen:
                 continue
             pos = np.nonzero(pt == p)[0]
-            idx = _replica_index(pos, lo[pos], dims[p])
+            idx = replica_index(pos, lo[pos], dims[p])
             if idx is not None:
                 sites[p].append(Site(node_name, axis, idx, site_kind))
                 site_seen.add((p, node_name))
@@ -291,7 +291,7 @@ def assemble(state: LabelState, model: nn.Module | None = None) -> MergeSpec:
         for p in np.unique(pt[pt >= 0]).tolist():
             if not sites[p] or all(s.kind == "projected" for s in sites[p]):
                 pos = np.nonzero(pt == p)[0]
-                idx = _replica_index(pos, lo[pos], dims[p])
+                idx = replica_index(pos, lo[pos], dims[p])
                 if idx is not None and (p, node_name + wkey) not in site_seen:
                     sites[p].append(Site(node_name, axis, idx, "projected", wkey, bkey))
                     site_seen.add((p, node_name + wkey))
