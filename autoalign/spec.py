@@ -56,7 +56,7 @@ def kind_rank(kind: str) -> int:
         raise SpecError(f"unknown transform kind {kind!r}; expected one of {KINDS}") from None
 
 
-def _replica_index(positions: np.ndarray, locals_: np.ndarray, dim: int) -> np.ndarray | None:
+def replica_index(positions: np.ndarray, locals_: np.ndarray, dim: int) -> np.ndarray | None:
     """Arrange axis positions holding coordinates ``0..dim-1`` into a ``(R, dim)`` matrix.
 
     Row ``r`` holds, for each coordinate ``j``, the position of its ``r``-th
@@ -322,7 +322,7 @@ class AxisRole:
             self._index = {}
         if point not in self._index:
             pos = np.nonzero(self.point_of == point)[0]
-            idx = _replica_index(pos, self.local_of[pos], dim)
+            idx = replica_index(pos, self.local_of[pos], dim)
             if idx is None:
                 raise SpecError(
                     f"{self.tensor} axis {self.axis}: coordinates of merge point #{point} do not occur "

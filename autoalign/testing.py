@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import nn
 
 from .apply import transform_state_dict
 from .graph.discover import find_merge_points
+from .graph.registry import ChannelRule
 from .spec import MergeSpec
 from .trace import as_input_tuple, eval_mode
 
@@ -133,6 +134,7 @@ def check(
     rtol: float = 1e-4,
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
+    rules: Mapping[Any, ChannelRule] | None = None,
 ) -> CheckReport:
     """Self-check a model's merge spec by random permutation.
 
@@ -150,6 +152,9 @@ def check(
         Tolerance relative to ``max(1, max |output|)``.
     leaf_modules, autowrap_functions : sequence, optional
         Passed to :func:`autoalign.find_merge_points`.
+    rules : mapping, optional
+        Per-call channel rules ``{target: rule}``, passed to
+        :func:`autoalign.find_merge_points` (unused when ``spec`` is given).
 
     Returns
     -------
@@ -171,7 +176,9 @@ def check(
     (True, 4, 5)
     """
     if spec is None:
-        spec = find_merge_points(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+        spec = find_merge_points(
+            model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, rules=rules
+        )
     permuted = permute_model(model, spec, seed=seed)
     inputs = as_input_tuple(example_inputs)
     with torch.no_grad(), eval_mode(model, permuted):

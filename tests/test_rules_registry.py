@@ -234,6 +234,182 @@ def test_registration_rejects_bad_targets():
         autoalign.register_channel_rule(3, scale_rule)
 
 
+class CallableObject:
+    """A callable that is not hashable (it defines __eq__ without __hash__)."""
+
+    def __call__(self, x):
+        return x
+
+    def __eq__(self, other):
+        return self is other
+
+
+def _registry_snapshot():
+    return [dict(t) for t in (registry._MODULE_RULES, registry._FUNCTION_RULES, registry._METHOD_RULES)]
+
+
+@pytest.mark.parametrize(
+    "target, words",
+    [
+        (int, ["nn.Module subclass", "int"]),
+        (3, ["expected a module class, a function or a method name", "3"]),
+        (Scale(2), ["module instance", "Scale", "class"]),
+        ("not a name", ["method name", "'not a name'"]),
+        (CallableObject(), ["not hashable"]),
+        ((), ["empty tuple"]),
+        ((Scale, 3), ["3"]),
+    ],
+)
+def test_registration_checks_the_target(target, words):
+    before = _registry_snapshot()
+    with pytest.raises(autoalign.OptionError) as info:
+        autoalign.register_channel_rule(target, scale_rule)
+    for w in words:
+        assert w in str(info.value)
+    assert isinstance(info.value, autoalign.AutoalignError)
+    # the decorator form checks the target at once, before any rule is given
+    with pytest.raises(autoalign.OptionError):
+        autoalign.register_channel_rule(target)
+    assert _registry_snapshot() == before  # nothing registered, not even the good part of a tuple
+
+
+@pytest.mark.parametrize(
+    "rule, words",
+    [
+        ("not a rule", ["must be a callable rule(ctx)", "Scale", "str"]),
+        (lambda: None, ["must take one argument", "Scale", "()"]),
+        (lambda ctx, extra: None, ["must take one argument", "Scale", "(ctx, extra)"]),
+    ],
+)
+def test_registration_checks_the_rule(rule, words):
+    before = _registry_snapshot()
+    with pytest.raises(autoalign.OptionError) as info:
+        autoalign.register_channel_rule(Scale, rule)
+    for w in words:
+        assert w in str(info.value)
+    assert _registry_snapshot() == before
+
+
+def test_registration_accepts_rules_callable_with_one_argument():
+    def with_default(ctx, why=None):
+        return ctx.label(ctx.arg(0))
+
+    class RuleObject:
+        def __call__(self, ctx):
+            return ctx.label(ctx.arg(0))
+
+    obj = RuleObject()
+    assert autoalign.register_channel_rule(Scale, with_default) is with_default
+    assert autoalign.register_channel_rule(opaque_op, lambda *args: None) is not None
+    assert autoalign.register_channel_rule("my_method", obj) is obj
+    assert registry.find_rule("call_method", "my_method") is obj
+
+
+def test_registration_checks_replace():
+    with pytest.raises(autoalign.OptionError, match="replace must be True or False"):
+        autoalign.register_channel_rule(Scale, scale_rule, replace="yes")
+    assert registry.find_rule("call_module", Scale, Scale(2)) is None
+
+
+def test_duplicate_registration_raises_option_error_naming_the_target():
+    def other(ctx):
+        return None
+
+    autoalign.register_channel_rule(Scale, scale_rule)
+    with pytest.raises(autoalign.OptionError) as info:
+        autoalign.register_channel_rule(Scale, other)
+    msg = str(info.value)
+    assert "Scale" in msg and "scale_rule" in msg and "replace=True" in msg and "rules=" in msg
+    # a tuple with one taken target registers nothing
+    with pytest.raises(autoalign.OptionError, match="Linear"):
+        autoalign.register_channel_rule((opaque_op, nn.Linear), other)
+    assert registry.find_rule("call_function", opaque_op) is None
+
+
+# ----------------------------------------------------------------------------- per-call rules
+
+
+def test_per_call_rules_change_the_spec_for_that_call_only():
+    net, x = _net(), _x()
+    before = _registry_snapshot()
+    assert autoalign.find_merge_points(net, x, leaf_modules=[Scale]).point("a").kind == "frozen"
+    spec = autoalign.find_merge_points(net, x, leaf_modules=[Scale], strict=True, rules={Scale: scale_rule})
+    p = spec.point("a")
+    assert p.kind == "permutation" and p.reason == "scale: per-channel scale"
+    assert _axis(spec, "scale.s", 0).role == "channel"
+    # the global registry is untouched, and the next call does not see the rule
+    assert _registry_snapshot() == before
+    assert registry.find_rule("call_module", Scale, Scale(2)) is None
+    assert autoalign.find_merge_points(net, x, leaf_modules=[Scale]).point("a").kind == "frozen"
+    # the self-check takes the same option
+    report = autoalign.check(net, x, leaf_modules=[Scale], rules={Scale: scale_rule})
+    assert report.ok, str(report)
+    assert report.permuted == 2 and report.spec.point("a").kind == "permutation"
+
+
+def test_per_call_rules_come_before_registered_ones():
+    net, x = _net(), _x()
+
+    def forgetful(ctx):
+        return ctx.label(ctx.arg(0))
+
+    autoalign.register_channel_rule(Scale, forgetful)
+    assert autoalign.find_merge_points(net, x, leaf_modules=[Scale]).point("a").kind == "linear"
+    spec = autoalign.find_merge_points(net, x, leaf_modules=[Scale], rules={Scale: scale_rule})
+    assert spec.point("a").kind == "permutation"
+    assert registry.find_rule("call_module", Scale, Scale(2)) is forgetful
+    # built-in rules can be overridden for one call too: a ReLU that freezes what it sees
+    torch.manual_seed(0)
+    mlp = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    xm = torch.randn(2, 3)
+
+    def freezing(ctx):
+        lab = ctx.label(ctx.arg(0))
+        ctx.freeze(lab, f"{ctx.name}: frozen for this call")
+        return lab
+
+    assert autoalign.find_merge_points(mlp, xm, rules={nn.ReLU: freezing}).point("0").reason == "1: frozen for this call"
+    assert autoalign.find_merge_points(mlp, xm).point("0").kind == "linear"
+
+
+def test_per_call_rules_for_functions_methods_and_tuples():
+    net, x = _net("opaque"), _x()
+
+    def passthrough(ctx):
+        return ctx.label(ctx.arg(0))
+
+    spec = autoalign.find_merge_points(net, x, autowrap_functions=[opaque_op], rules={(opaque_op, "my_method"): passthrough})
+    assert spec.point("b").kind == "linear"
+    assert registry.find_rule("call_function", opaque_op) is None
+    # discover() on an already traced graph takes them as well
+    gm = autoalign.trace(net, x, autowrap_functions=[opaque_op])
+    assert autoalign.graph.discover(gm, x, model=net, rules={opaque_op: passthrough}).point("b").kind == "linear"
+    assert autoalign.graph.discover(gm, x, model=net).point("b").kind == "frozen"
+
+
+@pytest.mark.parametrize(
+    "rules, words",
+    [
+        ({int: scale_rule}, ["nn.Module subclass", "int"]),
+        ({Scale(2): scale_rule}, ["module instance", "Scale"]),
+        ({Scale: "not a rule"}, ["must be a callable rule(ctx)", "Scale"]),
+        ({Scale: lambda ctx, extra: None}, ["must take one argument", "Scale"]),
+        ({(Scale, opaque_op): scale_rule, Scale: lambda ctx: None}, ["two different rules", "Scale"]),
+        ([(Scale, scale_rule)], ["rules must be a mapping", "list"]),
+    ],
+)
+def test_bad_per_call_rules_raise_option_error_naming_the_target(rules, words):
+    before = _registry_snapshot()
+    # checked before tracing: the untraceable model would raise TraceError otherwise
+    with pytest.raises(autoalign.OptionError) as info:
+        autoalign.find_merge_points(Outer(), _x(), rules=rules)
+    for w in words:
+        assert w in str(info.value)
+    with pytest.raises(autoalign.OptionError):
+        autoalign.check(_net(), _x(), rules=rules)
+    assert _registry_snapshot() == before
+
+
 def test_registry_is_restored_between_tests():
     # scale_rule was registered by earlier tests; the fixture removed it
     assert registry.find_rule("call_module", Scale, Scale(2)) is None

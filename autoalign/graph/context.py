@@ -17,7 +17,7 @@ convolution *groups* coordinates so that each group becomes its own merge point.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Literal, Sequence
 
 import numpy as np
 import torch
@@ -26,10 +26,18 @@ from torch import nn
 
 from ..spec import kind_rank
 
-__all__ = ["ZERO", "UNTRACKED", "ParamOrigin", "LabelState", "RuleContext"]
+__all__ = ["ZERO", "UNTRACKED", "KindName", "RoleName", "SiteKind", "ParamOrigin", "LabelState", "RuleContext"]
 
 ZERO = 0
 UNTRACKED = -1
+
+KindName = Literal["frozen", "permutation", "orthogonal", "linear"]
+"""A transform kind (:data:`autoalign.spec.KINDS`), from most to least restricted."""
+RoleName = Literal["output", "input", "channel", "additive", "folded"]
+"""The role of a parameter axis (:data:`autoalign.spec.ROLES`)."""
+SiteKind = Literal["input", "output", "projected"]
+"""Where features are observed: a consumer's input, a producer's output, or a
+projection inside an opaque op (:class:`autoalign.spec.Site`)."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +61,7 @@ class ParamOrigin:
 class _Role:
     key: str
     axis: int
-    role: str
+    role: RoleName
     labels: torch.Tensor  # (n,) int64
     block: tuple[int, int, int] | None
     node: str
@@ -68,10 +76,10 @@ class LabelState:
     next_id: int = 1
     owners: list[tuple[int, int, str]] = field(default_factory=list)  # (start, stop, owner)
     edges: list[np.ndarray] = field(default_factory=list)  # each (k, 2)
-    constraints: list[tuple[np.ndarray, str, str, bool]] = field(default_factory=list)
+    constraints: list[tuple[np.ndarray, KindName, str, bool]] = field(default_factory=list)
     occurrences: list[np.ndarray] = field(default_factory=list)
     roles: dict[tuple[str, int, Any], _Role] = field(default_factory=dict)
-    sites: list[tuple[str, int, str, torch.Tensor]] = field(default_factory=list)  # (node, axis, kind, labels)
+    sites: list[tuple[str, int, SiteKind, torch.Tensor]] = field(default_factory=list)  # (node, axis, kind, labels)
     folds: list[Any] = field(default_factory=list)
     producers: dict[str, tuple[str, str | None, torch.Tensor]] = field(default_factory=dict)
     producer_axes: dict[str, int] = field(default_factory=dict)  # weight axis of a producer's outputs when not 0
@@ -101,7 +109,7 @@ class LabelState:
             pairs = torch.stack([key // self.next_id, key % self.next_id], 1)
             self.edges.append(pairs.numpy())
 
-    def restrict(self, ids: torch.Tensor | np.ndarray, kind: str, reason: str, io: bool = False) -> None:
+    def restrict(self, ids: torch.Tensor | np.ndarray, kind: KindName, reason: str, io: bool = False) -> None:
         kind_rank(kind)
         arr = np.unique(np.asarray(ids).reshape(-1))
         arr = arr[arr > 0]
@@ -334,7 +342,7 @@ class RuleContext:
     def _ids(self, ids: Any) -> np.ndarray:
         return unique_ids(torch.as_tensor(ids).reshape(-1), self.state.next_id).numpy()
 
-    def restrict(self, ids: Any, kind: str, reason: str) -> None:
+    def restrict(self, ids: Any, kind: KindName, reason: str) -> None:
         """Allow at most ``kind`` transforms for the given coordinates; ``reason`` names why."""
         if ids is None:
             return
@@ -363,7 +371,7 @@ class RuleContext:
         self,
         key: str | None,
         axis: int,
-        role: str,
+        role: RoleName,
         labels: torch.Tensor | None,
         *,
         block: tuple[int, int, int] | None = None,
@@ -394,7 +402,7 @@ class RuleContext:
             return
         self.union(prev.labels, labels)
 
-    def site(self, a: Any, axis: int, kind: str = "input") -> None:
+    def site(self, a: Any, axis: int, kind: SiteKind = "input") -> None:
         """Record that the features of argument ``a`` along ``axis`` are observable there."""
         if isinstance(a, fx.Node):
             lab = self.state.labels.get(a)

@@ -1,0 +1,201 @@
+"""Rules of normalisation layers and other per-channel ops (BatchNorm, LayerNorm,
+GroupNorm, InstanceNorm, PReLU).
+
+Their per-channel parameters move with the channels (role ``"channel"``), which
+allows permutations only; a BatchNorm right after the producer that alone feeds
+it is folded into that producer instead (a :class:`~autoalign.spec.FoldedNorm`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ...spec import FoldedNorm
+from ..context import RuleContext
+from ..registry import register_channel_rule
+from .labels import unknown
+
+__all__ = [
+    "batchnorm_module", "batchnorm_function", "layernorm_module", "layernorm_function", "groupnorm_module",
+    "groupnorm_function", "instancenorm_module", "prelu_module",
+]
+
+
+def _norm_channels(
+    ctx: RuleContext, lab: torch.Tensor | None, axis: int, keys: Sequence[str | None], what: str
+) -> torch.Tensor | None:
+    """Give the per-channel tensors ``keys`` the coordinates along ``axis``, restricted to permutations."""
+    vec = ctx.channels(lab, axis)
+    for k in keys:
+        ctx.role(k, 0, "channel", vec)
+    ctx.restrict(vec, "permutation", f"{ctx.name}: {what}")
+    return vec
+
+
+@register_channel_rule((nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm))
+def batchnorm_module(ctx: RuleContext) -> Any:
+    """``nn.BatchNorm*d``: folded into the producer that alone feeds it, else per-channel."""
+    m = ctx.module
+    assert isinstance(m, nn.modules.batchnorm._BatchNorm)
+    x = ctx.arg(0, "input")
+    lab = ctx.label(x)
+    keys = {a: ctx.module_key(a) for a in ("weight", "bias", "running_mean", "running_var")}
+    for k in keys.values():
+        ctx.touch(k)
+    ctx.touch(ctx.module_key("num_batches_tracked"))
+    if lab is None:
+        return None
+    vec = ctx.channels(lab, 1)
+    prod = ctx.state.producers.get(x.name) if isinstance(x, fx.Node) else None
+    foldable = (
+        prod is not None
+        and len(x.users) == 1
+        and keys["running_mean"] is not None
+        and keys["running_var"] is not None
+        and vec is not None
+        and torch.equal(vec, prod[2])
+    )
+    if foldable:
+        wkey, bkey, _ = prod
+        ctx.state.folds.append(
+            FoldedNorm(
+                wkey, bkey, keys["weight"], keys["bias"], keys["running_mean"], keys["running_var"], float(m.eps),
+                ctx.state.producer_axes.get(x.name, 0),
+            )
+        )
+        # the folded offset lives in the BatchNorm's bias, else the producer's bias, else
+        # (affine=False, no producer bias) in the running mean, negated: all transform like a bias
+        offset = keys["bias"] or bkey or keys["running_mean"]
+        for a in ("weight", "running_mean", "running_var"):
+            if keys[a] != offset:
+                ctx.role(keys[a], 0, "folded", vec)
+        ctx.role(offset, 0, "output", vec)
+        # the folded producer's output is this BatchNorm's output: observe it there
+        sites = ctx.state.output_sites
+        sites[:] = [(ctx.node.name, 1) if n == x.name else (n, a) for n, a in sites]
+        return lab
+    why = "BatchNorm that cannot be folded into a preceding Linear/Conv (its input is not one used only by it)"
+    _norm_channels(ctx, lab, 1, list(keys.values()), why)
+    return lab
+
+
+@register_channel_rule(F.batch_norm)
+def batchnorm_function(ctx: RuleContext) -> Any:
+    """``F.batch_norm``: per-channel statistics and affine (never folded)."""
+    lab = ctx.label(ctx.arg(0, "input"))
+    keys = []
+    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+        a = ctx.arg(i, name)
+        if isinstance(a, fx.Node):
+            k = ctx.param_key(a)
+            if k is None:
+                return unknown(ctx, f"{ctx.describe()}: batch_norm statistics are not parameters/buffers")
+            keys.append(k)
+    _norm_channels(ctx, lab, 1, keys, "batch_norm (per-channel)")
+    return lab
+
+
+@register_channel_rule((nn.LayerNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else nn.LayerNorm)
+def layernorm_module(ctx: RuleContext) -> Any:
+    """``nn.LayerNorm`` / ``nn.RMSNorm`` over the last axis: per-channel affine, permutations only."""
+    m = ctx.module
+    lab = ctx.label(ctx.arg(0, "input"))
+    keys = [ctx.module_key("weight"), ctx.module_key("bias")]
+    for k in keys:
+        ctx.touch(k)
+    if lab is None:
+        return None
+    if len(m.normalized_shape) != 1:
+        return unknown(ctx, f"{ctx.describe()}: normalisation over several axes")
+    _norm_channels(ctx, lab, -1, keys, f"{type(m).__name__} (per-channel affine, statistics over channels)")
+    return lab
+
+
+@register_channel_rule(F.layer_norm)
+def layernorm_function(ctx: RuleContext) -> Any:
+    """``F.layer_norm`` over the last axis: per-channel affine, permutations only."""
+    lab = ctx.label(ctx.arg(0, "input"))
+    shape = ctx.value(ctx.arg(1, "normalized_shape"))
+    keys = []
+    for i, name in ((2, "weight"), (3, "bias")):
+        a = ctx.arg(i, name)
+        if isinstance(a, fx.Node):
+            k = ctx.param_key(a)
+            if k is None:
+                return unknown(ctx, f"{ctx.describe()}: layer_norm affine is not a parameter")
+            keys.append(k)
+    for k in keys:
+        ctx.touch(k)
+    if lab is None:
+        return None
+    if len(shape) != 1:
+        return unknown(ctx, f"{ctx.describe()}: normalisation over several axes")
+    _norm_channels(ctx, lab, -1, keys, "layer_norm (per-channel affine, statistics over channels)")
+    return lab
+
+
+def _group_norm(ctx: RuleContext, lab: torch.Tensor | None, groups: int, keys: Sequence[str | None]) -> Any:
+    """GroupNorm over channel axis 1: per-channel affine, and each group of channels its own block."""
+    for k in keys:
+        ctx.touch(k)
+    if lab is None:
+        return None
+    vec = _norm_channels(ctx, lab, 1, keys, "GroupNorm (per-channel affine, statistics within groups)")
+    if vec is not None:
+        for part in vec.chunk(groups):
+            ctx.group(part)
+    return lab
+
+
+@register_channel_rule(nn.GroupNorm)
+def groupnorm_module(ctx: RuleContext) -> Any:
+    """``nn.GroupNorm``: see :func:`_group_norm`."""
+    m = ctx.module
+    assert isinstance(m, nn.GroupNorm)
+    return _group_norm(ctx, ctx.label(ctx.arg(0, "input")), m.num_groups, [ctx.module_key("weight"), ctx.module_key("bias")])
+
+
+@register_channel_rule(F.group_norm)
+def groupnorm_function(ctx: RuleContext) -> Any:
+    """``F.group_norm``: see :func:`_group_norm`."""
+    keys = []
+    for i, name in ((2, "weight"), (3, "bias")):
+        a = ctx.arg(i, name)
+        if isinstance(a, fx.Node):
+            k = ctx.param_key(a)
+            if k is None:
+                return unknown(ctx)
+            keys.append(k)
+    return _group_norm(ctx, ctx.label(ctx.arg(0, "input")), int(ctx.value(ctx.arg(1, "num_groups"))), keys)
+
+
+@register_channel_rule((nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d))
+def instancenorm_module(ctx: RuleContext) -> Any:
+    """``nn.InstanceNorm*d``: per-channel over axis 1, permutations only."""
+    lab = ctx.label(ctx.arg(0, "input"))
+    keys = [ctx.module_key(a) for a in ("weight", "bias", "running_mean", "running_var")]
+    for k in keys:
+        ctx.touch(k)
+    if lab is None:
+        return None
+    _norm_channels(ctx, lab, 1, keys, "InstanceNorm (per-channel)")
+    return lab
+
+
+@register_channel_rule(nn.PReLU)
+def prelu_module(ctx: RuleContext) -> Any:
+    """``nn.PReLU``: pointwise with one slope, per-channel with one slope per channel."""
+    m = ctx.module
+    assert isinstance(m, nn.PReLU)
+    lab = ctx.label(ctx.arg(0, "input"))
+    ctx.touch(ctx.module_key("weight"))
+    if m.num_parameters == 1 or lab is None:
+        return lab
+    axis = 1 if lab.dim() > 1 else 0
+    _norm_channels(ctx, lab, axis, [ctx.module_key("weight")], "PReLU with per-channel slopes")
+    return lab

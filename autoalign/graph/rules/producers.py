@@ -1,0 +1,162 @@
+"""Rules of the layers that *produce* feature coordinates: Linear, Conv, Embedding.
+
+A producer creates fresh coordinates for its outputs (the rows of its weight)
+and consumes the coordinates of its input (the columns), recording both roles
+and a site where the input features can be observed.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import nn
+
+from ..context import RuleContext
+from ..registry import ChannelRule, register_channel_rule
+from .labels import clean, unknown
+
+__all__ = ["linear_module", "linear_function", "conv_module", "embedding_module"]
+
+
+def _producer_out(ctx: RuleContext, n: int, groups: int = 1) -> torch.Tensor:
+    """``n`` fresh output coordinates, grouped into ``groups`` blocks (grouped convolution)."""
+    ids = ctx.fresh(n)
+    if groups > 1:
+        for g in ids.chunk(groups):
+            ctx.group(g)
+    return ids
+
+
+def _linear_like(ctx: RuleContext, x: Any, wkey: str | None, bkey: str | None, out_features: int) -> Any:
+    """Record a linear map of the last axis of ``x`` (weight ``wkey``, bias ``bkey``) and
+    return the label of its output."""
+    lab = ctx.label(x)
+    vec = ctx.channels(lab, -1)
+    ctx.role(wkey, 1, "input", vec)
+    if vec is not None:
+        ctx.site(x, -1)
+    ids = _producer_out(ctx, out_features)
+    ctx.role(wkey, 0, "output", ids)
+    ctx.role(bkey, 0, "output", ids)
+    ctx.state.producers[ctx.node.name] = (wkey, bkey, ids)
+    return ctx.along(ids, ctx.out.shape, -1)
+
+
+@register_channel_rule(nn.Linear)
+def linear_module(ctx: RuleContext) -> Any:
+    """``nn.Linear``: a producer of ``out_features`` coordinates along the last axis."""
+    m = ctx.module
+    assert isinstance(m, nn.Linear)
+    out = _linear_like(ctx, ctx.arg(0, "input"), ctx.module_key("weight"), ctx.module_key("bias"), m.out_features)
+    ctx.state.output_sites.append((ctx.node.name, -1))
+    return out
+
+
+@register_channel_rule(F.linear)
+def linear_function(ctx: RuleContext) -> Any:
+    """``F.linear`` whose weight (and bias) are parameters; else :func:`unknown`."""
+    w, b = ctx.arg(1, "weight"), ctx.arg(2, "bias")
+    wkey = ctx.param_key(w)
+    if wkey is None:
+        return unknown(ctx, f"{ctx.describe()}: linear with a weight that is not a parameter")
+    bkey = ctx.param_key(b) if isinstance(b, fx.Node) else None
+    if isinstance(b, fx.Node) and bkey is None:
+        return unknown(ctx, f"{ctx.describe()}: linear with a bias that is not a parameter")
+    out = _linear_like(ctx, ctx.arg(0, "input"), wkey, bkey, ctx.value(w).shape[0])
+    ctx.state.output_sites.append((ctx.node.name, -1))
+    return out
+
+
+def _conv_like(
+    ctx: RuleContext, x: Any, wkey: str | None, bkey: str | None, weight_shape: Sequence[int], groups: int, transposed: bool
+) -> Any:
+    """Record a (possibly grouped, depthwise or transposed) convolution along axis 1 and
+    return the label of its output."""
+    lab = ctx.label(x)
+    vec = ctx.channels(lab, 1)
+    if transposed:
+        cin = weight_shape[0]
+        cout = weight_shape[1] * groups
+        if groups != 1:
+            return unknown(ctx, f"{ctx.describe()}: grouped transposed convolution")
+        ctx.role(wkey, 0, "input", vec)
+        if vec is not None:
+            ctx.site(x, 1)
+        ids = ctx.fresh(cout)
+        ctx.role(wkey, 1, "output", ids)
+        ctx.role(bkey, 0, "output", ids)
+        ctx.state.producers[ctx.node.name] = (wkey, bkey, ids)
+        ctx.state.producer_axes[ctx.node.name] = 1
+        ctx.state.output_sites.append((ctx.node.name, 1))
+        return ctx.along(ids, ctx.out.shape, 1)
+    cout, cin_g = weight_shape[0], weight_shape[1]
+    cin = cin_g * groups
+    if groups > 1 and groups == cin and cout == cin:
+        # depthwise: output channel c only sees input channel c
+        if vec is None:
+            ids = ctx.fresh(cout)
+            ctx.role(wkey, 0, "output", ids)
+            ctx.role(bkey, 0, "output", ids)
+            ctx.state.producers[ctx.node.name] = (wkey, bkey, ids)
+            return ctx.along(ids, ctx.out.shape, 1)
+        ctx.role(wkey, 0, "channel", vec)
+        ctx.role(bkey, 0, "channel", vec)
+        ctx.restrict(vec, "permutation", f"{ctx.name}: depthwise convolution (per-channel filters)")
+        ctx.site(x, 1)
+        return clean(ctx.along(vec, ctx.out.shape, 1))
+    if vec is not None:
+        ctx.site(x, 1)
+        if groups == 1:
+            ctx.role(wkey, 1, "input", vec)
+        else:
+            og = cout // groups
+            for g, part in enumerate(vec.chunk(groups)):
+                ctx.group(part)
+                ctx.role(wkey, 1, "input", part, block=(0, g * og, (g + 1) * og))
+    ids = _producer_out(ctx, cout, groups)
+    ctx.role(wkey, 0, "output", ids)
+    ctx.role(bkey, 0, "output", ids)
+    ctx.state.producers[ctx.node.name] = (wkey, bkey, ids)
+    ctx.state.output_sites.append((ctx.node.name, 1))
+    return ctx.along(ids, ctx.out.shape, 1)
+
+
+@register_channel_rule((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
+def conv_module(ctx: RuleContext) -> Any:
+    """``nn.Conv*d`` / ``nn.ConvTranspose*d``: see :func:`_conv_like`."""
+    m = ctx.module
+    assert isinstance(m, nn.modules.conv._ConvNd)
+    return _conv_like(
+        ctx, ctx.arg(0, "input"), ctx.module_key("weight"), ctx.module_key("bias"), m.weight.shape, m.groups, m.transposed
+    )
+
+
+def _conv_function(transposed: bool) -> ChannelRule:
+    """Rule for ``F.conv*d`` (``transposed=False``) or ``F.conv_transpose*d`` with parameter weights."""
+    def rule(ctx: RuleContext) -> Any:
+        w, b = ctx.arg(1, "weight"), ctx.arg(2, "bias")
+        wkey = ctx.param_key(w)
+        bkey = ctx.param_key(b) if isinstance(b, fx.Node) else None
+        if wkey is None or (isinstance(b, fx.Node) and bkey is None):
+            return unknown(ctx, f"{ctx.describe()}: convolution whose weight or bias is not a parameter")
+        groups = ctx.value(ctx.arg(6, "groups", 1))  # position 6 in conv*d and conv_transpose*d
+        return _conv_like(ctx, ctx.arg(0, "input"), wkey, bkey, ctx.value(w).shape, int(groups), transposed)
+
+    return rule
+
+
+register_channel_rule((F.conv1d, F.conv2d, F.conv3d), _conv_function(False))
+register_channel_rule((F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d), _conv_function(True))
+
+
+@register_channel_rule(nn.Embedding)
+def embedding_module(ctx: RuleContext) -> Any:
+    """``nn.Embedding``: a producer of ``embedding_dim`` coordinates (columns of its weight)."""
+    m = ctx.module
+    assert isinstance(m, nn.Embedding)
+    ids = ctx.fresh(m.embedding_dim)
+    ctx.role(ctx.module_key("weight"), 1, "output", ids)
+    return ctx.along(ids, ctx.out.shape, -1)
