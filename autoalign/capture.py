@@ -22,7 +22,7 @@ from torch import nn
 from .errors import MergeError
 from .trace import trace
 
-__all__ = ["Tap", "tapped_module", "feature_module", "module_nodes"]
+__all__ = ["Tap", "insert_taps", "tapped_module", "module_tapped", "feature_module", "module_nodes"]
 
 #: ``observe(node_name, value)``: called with a tapped node's value.
 Observer = Callable[[str, Any], None]
@@ -50,6 +50,10 @@ class Tap(nn.Module):
         return None
 
 
+def _is_tap(node: fx.Node) -> bool:
+    return node.op == "call_module" and str(node.target).startswith("_autoalign_tap_")
+
+
 def _nodes_of(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, fx.Node]:
     nodes = {n.name: n for n in gm.graph.nodes}
     missing = [n for n in names if n not in nodes]
@@ -58,17 +62,56 @@ def _nodes_of(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, fx.Node]:
     return nodes
 
 
+def insert_taps(
+    gm: fx.GraphModule,
+    taps: Sequence[tuple[fx.Node, Observer | None, Callable[[str, Any], Any] | None]],
+    *,
+    keep_output: bool = False,
+) -> fx.GraphModule:
+    """Insert a :class:`Tap` after each given node of ``gm`` (in place; returns ``gm``).
+
+    Parameters
+    ----------
+    gm : fx.GraphModule
+        A traced module.
+    taps : sequence of (node, observe, rewrite)
+        Per tap, the node, the callback ``observe(node_name, value)`` (or None) and
+        ``rewrite(node_name, value)`` whose result every later use of the node reads
+        instead (or None).
+    keep_output : bool, default False
+        Keep the model's output (for passes that need the whole forward pass, e.g.
+        BatchNorm statistics downstream of the last tap). Otherwise the module returns
+        nothing and computes nothing past the last tap.
+    """
+    observers = []
+    for i, (node, observe, rewrite) in enumerate(taps):
+        name = f"_autoalign_tap_{i}"
+        gm.add_submodule(name, Tap(node.name, observe, rewrite))
+        with gm.graph.inserting_after(node):
+            tap = gm.graph.call_module(name, (node,))
+        if rewrite is not None:  # every later use reads the rewritten value; other taps see the raw one
+            node.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap and not _is_tap(user))
+        else:
+            observers.append(tap)
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    if not keep_output:
+        out.args = (tuple(observers),)
+    elif observers:
+        out.args = ((out.args[0], tuple(observers)),)  # keep the taps alive next to the real output
+    gm.graph.eliminate_dead_code()
+    gm.recompile()
+    return gm
+
+
 def tapped_module(
     model: nn.Module,
     example_inputs: Any,
     node_names: Sequence[str],
-    observe: Observer | None,
-    *,
-    rewrite: Mapping[str, Callable[[str, Any], Any]] | None = None,
-    keep_output: bool = False,
+    observe: Observer,
     **trace_options: Any,
 ) -> fx.GraphModule:
-    """A traced copy of ``model`` that calls ``observe(name, value)`` right after each named node runs.
+    """A traced copy of ``model`` that calls ``observe(name, value)`` right after each named node
+    runs and computes nothing past the last of them.
 
     Parameters
     ----------
@@ -78,15 +121,8 @@ def tapped_module(
         Inputs for tracing (only their structure is used).
     node_names : sequence of str
         Graph nodes to tap (as named by :func:`autoalign.trace`).
-    observe : callable or None
+    observe : callable
         ``observe(node_name, value)``.
-    rewrite : dict of str to callable, optional
-        Per node, ``rewrite(node_name, value)`` whose result replaces the node's
-        value for every later use.
-    keep_output : bool, default False
-        Keep the model's output (for passes that need the whole forward pass, e.g.
-        BatchNorm statistics downstream of the last tap). Otherwise the copy
-        returns nothing and computes nothing past the last tap.
     **trace_options
         ``leaf_modules`` / ``autowrap_functions`` of :func:`autoalign.trace`.
 
@@ -109,29 +145,66 @@ def tapped_module(
     >>> seen
     [('_0', (5, 4))]
     """
-    rewrite = dict(rewrite or {})
-    names = list(dict.fromkeys(list(node_names) + list(rewrite)))
     gm = trace(model, example_inputs, shapes=False, **trace_options)  # no shapes needed: skip a forward pass
-    nodes = _nodes_of(gm, names)
-    taps = []
-    for i, name in enumerate(names):
-        gm.add_submodule(f"_autoalign_tap_{i}", Tap(name, observe if name in node_names else None, rewrite.get(name)))
-        node = nodes[name]
-        with gm.graph.inserting_after(node):
-            tap = gm.graph.call_module(f"_autoalign_tap_{i}", (node,))
-        if name in rewrite:
-            node.replace_all_uses_with(tap, delete_user_cb=lambda user, tap=tap: user is not tap)
-        else:
-            taps.append(tap)
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    if not keep_output:
-        out.args = (tuple(taps),)
-    elif taps:
-        # keep the taps alive next to the real output
-        out.args = ((out.args[0], tuple(taps)),)
-    gm.graph.eliminate_dead_code()
-    gm.recompile()
-    return gm
+    nodes = _nodes_of(gm, node_names)
+    return insert_taps(gm, [(nodes[name], observe, None) for name in node_names])
+
+
+def module_tapped(
+    model: nn.Module,
+    *,
+    outputs: Mapping[str, Callable[[Any], None]] | None = None,
+    inputs: Mapping[str, Callable[[Any], None]] | None = None,
+    rewrite_outputs: Mapping[str, Callable[[Any], Any]] | None = None,
+    keep_output: bool = False,
+    **trace_options: Any,
+) -> tuple[fx.GraphModule, set[str]]:
+    """A traced copy of ``model`` with taps on submodules' outputs and inputs, by module name.
+
+    Every call of a named submodule is tapped (a module called twice is observed twice).
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model (not modified; its submodules are shared with the copy, so a
+        BatchNorm in training mode updates the model's running statistics).
+    outputs, inputs : dict of str to callable, optional
+        Per module name, ``fn(value)`` called with each output (or first input).
+    rewrite_outputs : dict of str to callable, optional
+        Per module name, ``fn(value)`` whose result replaces the module's output for
+        the rest of the forward pass.
+    keep_output : bool, default False
+        Run the whole forward pass (see :func:`insert_taps`).
+
+    Returns
+    -------
+    (fx.GraphModule, set of str)
+        The copy, and the names of the modules that appear in its graph (a module
+        that does not, e.g. inside a leaf module, is never observed).
+
+    Examples
+    --------
+    >>> import torch
+    >>> net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    >>> seen = []
+    >>> gm, found = module_tapped(net, inputs={"2": lambda x: seen.append(tuple(x.shape))})
+    >>> _ = gm(torch.randn(5, 3)); seen, found
+    ([(5, 4)], {'2'})
+    """
+    outputs, inputs, rewrite_outputs = dict(outputs or {}), dict(inputs or {}), dict(rewrite_outputs or {})
+    gm = trace(model, (), shapes=False, **trace_options)
+    taps: list[tuple[fx.Node, Observer | None, Callable[[str, Any], Any] | None]] = []
+    found = set()
+    for name in dict.fromkeys([*outputs, *inputs, *rewrite_outputs]):
+        for node in module_nodes(gm, name):
+            found.add(name)
+            if name in inputs and node.args and isinstance(node.args[0], fx.Node):
+                taps.append((node.args[0], lambda _n, v, fn=inputs[name]: fn(v), None))
+            if name in outputs:
+                taps.append((node, lambda _n, v, fn=outputs[name]: fn(v), None))
+            if name in rewrite_outputs:
+                taps.append((node, None, lambda _n, v, fn=rewrite_outputs[name]: fn(v)))
+    return insert_taps(gm, taps, keep_output=keep_output), found
 
 
 def feature_module(model: nn.Module, example_inputs: Any, node_names: Sequence[str], **trace_options: Any) -> fx.GraphModule:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 import time
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -57,6 +57,7 @@ def merge(
     leaf_modules: Sequence[Any] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     precision: Precision | None = None,
+    rules: Mapping[Any, Callable[..., Any]] | None = None,
     **aligner_options: Any,
 ) -> nn.Module:
     """Merge models of one architecture, trained from different seeds, into one.
@@ -155,6 +156,10 @@ def merge(
         float64 for float64 models, float32 otherwise. ``"float64"`` costs about
         2× the products and separates features whose correlations with their
         partners tie to within ~1e-5 (e.g. few samples for many features).
+    rules : dict, optional
+        Channel rules for this merge only, consulted before the global registry
+        (``{target: rule}`` as :func:`autoalign.register_channel_rule` takes; see
+        :func:`autoalign.find_merge_points`).
     **aligner_options
         Hyperparameters of the aligner (e.g. ``ridge=0.1`` for ``cca``).
 
@@ -183,7 +188,7 @@ def merge(
         models, data, aligner=aligner, reference=reference, weights=weights, scheme=scheme, max_iterations=max_iterations,
         averaging=averaging, averaging_options=averaging_options, repair=repair, batchnorm=batchnorm, features=features,
         num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision, **aligner_options,
+        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision, rules=rules, **aligner_options,
     ).model
 
 
@@ -209,6 +214,7 @@ def merge_with_report(
     leaf_modules: Sequence[Any] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     precision: Precision | None = None,
+    rules: Mapping[Any, Callable[..., Any]] | None = None,
     **aligner_options: Any,
 ) -> MergeResult:
     """Merge models and return the merged model with a report, the spec and the plan.
@@ -239,7 +245,7 @@ def merge_with_report(
         aligner=aligner, reference=reference, weights=weights, scheme=scheme, max_iterations=max_iterations,
         averaging=averaging, averaging_options=averaging_options, repair=repair, batchnorm=batchnorm, features=features,
         num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision, **aligner_options,
+        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision, rules=rules, **aligner_options,
     )
     return run(models, data, opts)
 

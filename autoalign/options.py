@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 
@@ -42,6 +42,8 @@ class MergeOptions:
     leaf_modules, autowrap_functions :
         Tracing escape hatches (:func:`autoalign.trace`).
     precision : {None, "float32", "float64"}
+    rules : dict, optional
+        Channel rules for this merge only (see :func:`autoalign.find_merge_points`).
 
     Examples
     --------
@@ -75,6 +77,7 @@ class MergeOptions:
     leaf_modules: Sequence[Any] = ()
     autowrap_functions: Sequence[Callable[..., Any]] = ()
     precision: str | None = None
+    rules: Mapping[Any, Callable[..., Any]] | None = None
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> "MergeOptions":

@@ -38,6 +38,7 @@ from torch import nn
 from .errors import MergeError
 from .repair_sites import repair_sites, site_maps
 from .calibration import Calibration
+from .capture import module_tapped
 from .distributed import all_reduce_moments, sync_batchnorm_stats
 from .trace import eval_mode
 
@@ -93,7 +94,7 @@ def reset_bn(
     return model
 
 
-def _calibration_pass(model: nn.Module, calib: Calibration, *, desc: str) -> int:
+def _calibration_pass(model: nn.Module, calib: Calibration, *, desc: str, run: Callable[..., Any] | None = None) -> int:
     """One pass over ``data`` with every BatchNorm re-estimating its statistics as the exact
     average over the batches (``momentum=None``, training mode) and everything else in eval
     mode; flags and momenta restored. Returns the number of batches seen."""
@@ -110,7 +111,7 @@ def _calibration_pass(model: nn.Module, calib: Calibration, *, desc: str) -> int
             m.train()
         with torch.no_grad():
             for inputs in calib.inputs(dev, desc=desc):
-                model(*inputs)
+                (run or model)(*inputs)
                 seen += 1
     finally:
         for m, mom in momenta:
@@ -127,46 +128,31 @@ def _channel_moments(
     calib: Calibration,
     *,
     maps: dict[str, torch.Tensor] | None = None,
+    trace_options: dict[str, Any] | None = None,
 ) -> dict[str, list[Any]]:
-    """One eval-mode pass of ``model`` over ``data``: per named submodule, ``[count, Σ y, Σ y²]``
+    """One eval-mode pass of ``model`` over the calibration data, read by taps
+    (:func:`autoalign.capture.module_tapped`): per named submodule, ``[count, Σ y, Σ y²]``
     per channel of its ``"input"`` or ``"output"`` (channels along the given axis), summed over
     all processes under ``torch.distributed``. Submodules that never run are left out. An
     output named in ``maps`` is multiplied by that ``(C, C)`` matrix first (``y ← P y``)."""
     acc: dict[str, list[Any]] = {}
-    hooks = []
+    outputs: dict[str, Callable[[Any], None]] = {}
+    inputs: dict[str, Callable[[Any], None]] = {}
     for name, (where, axis) in taps.items():
-        pm = (maps or {}).get(name)
-        if where == "output" and pm is not None:
-            perm = _permutation_index(pm)
-            if perm is not None:  # a gather, not a (C, C) product
-                hooks.append(model.get_submodule(name).register_forward_hook(
-                    lambda _m, _args, y, name=name, axis=axis, perm=perm: _accumulate(
-                        acc, name, _per_channel(y, axis)[:, perm.to(y.device)])
-                ))
-                continue
-            pt = pm.detach().to(torch.float64).T
-            hooks.append(model.get_submodule(name).register_forward_hook(
-                lambda _m, _args, y, name=name, axis=axis, pt=pt: _accumulate(
-                    acc, name, _per_channel(y, axis) @ pt.to(y.device))
-            ))
-            continue
-        mod = model.get_submodule(name)
-        if where == "input":
-            hooks.append(mod.register_forward_pre_hook(
-                lambda _m, args, name=name, axis=axis: _accumulate(acc, name, _per_channel(args[0], axis))
-            ))
+        pm = (maps or {}).get(name) if where == "output" else None
+        if pm is None:
+            fn = lambda y, name=name, axis=axis: _accumulate(acc, name, _per_channel(y, axis))  # noqa: E731
+        elif (perm := _permutation_index(pm)) is not None:  # a gather, not a (C, C) product
+            fn = lambda y, name=name, axis=axis, perm=perm: _accumulate(acc, name, _per_channel(y, axis)[:, perm.to(y.device)])  # noqa: E731
         else:
-            hooks.append(mod.register_forward_hook(
-                lambda _m, _args, y, name=name, axis=axis: _accumulate(acc, name, _per_channel(y, axis))
-            ))
+            pt = pm.detach().to(torch.float64).T
+            fn = lambda y, name=name, axis=axis, pt=pt: _accumulate(acc, name, _per_channel(y, axis) @ pt.to(y.device))  # noqa: E731
+        (inputs if where == "input" else outputs)[name] = fn
+    gm, _ = module_tapped(model, outputs=outputs, inputs=inputs, **(trace_options or {}))
     dev = calib.device_for(model)
-    try:
-        with torch.no_grad(), eval_mode(model):
-            for inputs in calib.inputs(dev):
-                model(*inputs)
-    finally:
-        for h in hooks:
-            h.remove()
+    with torch.no_grad(), eval_mode(model):
+        for inputs_ in calib.inputs(dev):
+            gm(*inputs_)
     all_reduce_moments(acc)  # under torch.distributed: the moments of all processes' shards
     return acc
 
@@ -179,6 +165,7 @@ def restore_batchnorm(
     input_fn: Callable[[Any], Any] | None = None,
     num_batches: int | None = None,
     device: torch.device | str | None = None,
+    trace_options: dict[str, Any] | None = None,
 ) -> list[str]:
     """Give folded BatchNorm layers back a per-channel scale and statistics, keeping the function.
 
@@ -229,7 +216,7 @@ def restore_batchnorm(
     if not bns:
         return []
     calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device)
-    acc = _channel_moments(model, {name: ("input", 1) for name in bns}, calib)
+    acc = _channel_moments(model, {name: ("input", 1) for name in bns}, calib, trace_options=trace_options)
     done = []
     with torch.no_grad():
         for name, mod in bns.items():
@@ -288,6 +275,7 @@ def output_channel_stats(
     num_batches: int | None = None,
     device: torch.device | str | None = None,
     maps: Sequence[dict[str, torch.Tensor]] | None = None,
+    trace_options: dict[str, Any] | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Per-channel mean and std of the outputs of the named submodules, averaged
     over ``models`` with ``weights`` (REPAIR's target: ``Σ_m w_m μ_m`` and
@@ -307,6 +295,10 @@ def output_channel_stats(
     maps : sequence of dict of str to Tensor (C, C), optional
         Per model, matrices applied to the named outputs before their moments are
         taken (``y ← P y``: the output in merged coordinates, see :func:`site_maps`).
+    trace_options : dict, optional
+        ``leaf_modules`` / ``autowrap_functions`` for tracing the models: outputs
+        are read by taps in a traced copy (:mod:`autoalign.capture`), so the models
+        must be traceable, as for merging.
 
     Returns
     -------
@@ -330,7 +322,7 @@ def output_channel_stats(
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, (wi, model) in enumerate(zip(w, models)):
         taps = {name: ("output", channel_axis(model.get_submodule(name))) for name in names}
-        acc = _channel_moments(model, taps, calib, maps=maps[k] if maps is not None else None)
+        acc = _channel_moments(model, taps, calib, maps=maps[k] if maps is not None else None, trace_options=trace_options)
         for name, (cnt, s, q) in acc.items():
             mean = s / cnt
             std = torch.sqrt(torch.clamp(q / cnt - mean * mean, min=0.0))
@@ -364,6 +356,7 @@ def repair_producers(
     device: torch.device | str | None = None,
     progress: bool = False,
     eps: float = 1e-12,
+    trace_options: dict[str, Any] | None = None,
 ) -> dict[str, str]:
     """REPAIR (Jordan et al., ICLR 2023): give every named module's output the
     per-channel mean and std of ``targets``, folded into the model (in place).
@@ -389,6 +382,10 @@ def repair_producers(
         Calibration data.
     eps : float
         Added to variances before taking square roots.
+    trace_options : dict, optional
+        ``leaf_modules`` / ``autowrap_functions`` for tracing the model (the
+        correction is applied by taps in a traced copy, :mod:`autoalign.capture`,
+        which shares the model's submodules).
 
     Returns
     -------
@@ -415,7 +412,6 @@ def repair_producers(
     prod_targets = {k: v for k, v in targets.items() if k not in bn_targets}
     set_batchnorm_affine(model, bn_targets)
     acc: dict[str, list[Any]] = {}
-    hooks = []
 
     def make_hook(name: str, axis: int, mean_t: torch.Tensor, std_t: torch.Tensor) -> Callable[..., torch.Tensor]:
         def hook(_m: nn.Module, _inp: Any, y: torch.Tensor) -> torch.Tensor:
@@ -432,15 +428,13 @@ def repair_producers(
 
         return hook
 
+    corrections = {}
     for name, (mt, st) in prod_targets.items():
-        mod = model.get_submodule(name)
-        hooks.append(mod.register_forward_hook(make_hook(name, channel_axis(mod), mt, st)))
-    try:
-        calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
-        seen = _calibration_pass(model, calib, desc="repair")
-    finally:
-        for h in hooks:
-            h.remove()
+        hook = make_hook(name, channel_axis(model.get_submodule(name)), mt, st)
+        corrections[name] = lambda y, hook=hook: hook(None, None, y)
+    calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
+    gm, _ = module_tapped(model, rewrite_outputs=corrections, keep_output=True, **(trace_options or {}))
+    seen = _calibration_pass(model, calib, desc="repair", run=gm)
     if seen == 0:
         raise MergeError("repair: the calibration data yielded no batch")
     all_reduce_moments(acc)

@@ -80,7 +80,7 @@ def discover(model: nn.Module, calib: Calibration, opts: MergeOptions) -> MergeS
     if spec is None:
         example = calib.example()
         check_example(model, example)
-        spec = find_merge_points(model, example, **opts.trace_options)
+        spec = find_merge_points(model, example, rules=opts.rules, **opts.trace_options)
     return spec.observed_at(opts.features)
 
 
@@ -167,23 +167,25 @@ def repair(
     plan: Plan,
     w: torch.Tensor,
     calib: Calibration,
+    trace_options: dict[str, Any] | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]] | None, dict[str, str]]:
     """Repair ``out`` in place: ``mode`` ``"reset_bn"`` or ``"repair"``; with no repair,
     folded BatchNorms get their statistics and scale back. Returns (targets, notes)."""
+    topts = trace_options or {}
     if mode not in ("reset_bn", "repair"):
         if applied.folds:
             # no repair: the function stays the plain merge, and folded BatchNorms get their
             # statistics and scale back (instead of staying identity layers)
-            restore_batchnorm(out, applied.folded_names, calib)
+            restore_batchnorm(out, applied.folded_names, calib, trace_options=topts)
         return None, {}
     if mode == "repair":
         producers, bns = repair_sites(out, spec)
         names = producers + bns
     else:
         names = applied.folded_names
-    targets = _repair_targets(models, applied, spec, plan, w, calib, names)
+    targets = _repair_targets(models, applied, spec, plan, w, calib, names, topts)
     if mode == "repair":
-        return targets, repair_producers(out, targets, calib)
+        return targets, repair_producers(out, targets, calib, trace_options=topts)
     # a folded BatchNorm has no learned scale left: it gets the aligned models' output
     # statistics as its affine *before* the statistics pass, so every later BatchNorm
     # estimates its statistics on the inputs it will see
@@ -193,7 +195,8 @@ def repair(
 
 
 def _repair_targets(
-    models: Sequence[nn.Module], applied: Applied, spec: MergeSpec, plan: Plan, w: torch.Tensor, calib: Calibration, names: list[str]
+    models: Sequence[nn.Module], applied: Applied, spec: MergeSpec, plan: Plan, w: torch.Tensor, calib: Calibration,
+    names: list[str], trace_options: dict[str, Any],
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """REPAIR's targets: the per-channel statistics each model's own output has at a site, in
     merged coordinates (layerwise: an aligned model run end to end drifts under dense maps);
@@ -201,13 +204,13 @@ def _repair_targets(
     maps, mapped, rest = site_maps(spec, names, [plan.transforms_for(m) for m in range(len(models))])
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     if mapped:
-        targets = output_channel_stats(models, mapped, calib, weights=w.tolist(), maps=maps)
+        targets = output_channel_stats(models, mapped, calib, weights=w.tolist(), maps=maps, trace_options=trace_options)
     if rest:
         aligned = []
         for m, model in enumerate(models):
             mm = copy.deepcopy(model)
             mm.load_state_dict(applied.moved[m])
             aligned.append(mm)
-        targets.update(output_channel_stats(aligned, rest, calib, weights=w.tolist()))
+        targets.update(output_channel_stats(aligned, rest, calib, weights=w.tolist(), trace_options=trace_options))
     return targets
 

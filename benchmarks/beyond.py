@@ -395,18 +395,18 @@ def train_on_subset(config: dict[str, Any], seed: int, x: torch.Tensor, y: torch
     """Train one model of ``config`` (see :func:`benchmarks.train.make_config`) on ``(x, y)`` with the
     training loop of ``benchmarks/train.py``; cached under ``cache`` by config, seed and subset."""
     from benchmarks.models import build_model
-    from benchmarks.train import _config_hash, _train_one
+    from benchmarks.train import config_hash, train_one
 
     path = None
     if cache is not None:
-        path = cache / f"{tag}_{_config_hash(config)}_{hashlib.sha256(y.numpy().tobytes() + x.flatten(1).sum(1).numpy().tobytes()).hexdigest()[:10]}_seed{seed}.pt"
+        path = cache / f"{tag}_{config_hash(config)}_{hashlib.sha256(y.numpy().tobytes() + x.flatten(1).sum(1).numpy().tobytes()).hexdigest()[:10]}_seed{seed}.pt"
         if path.is_file():
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
             model = build_model(config["arch"], config["dataset"], width=config["width"], **config["arch_kw"])
             model.load_state_dict(ckpt["state_dict"])
             print(f"  cached {path}", flush=True)
             return model.eval(), ckpt
-    ckpt = _train_one(config, seed, (x, y), test, torch.device(device), False)
+    ckpt = train_one(config, seed, (x, y), test, torch.device(device), False)
     model = build_model(config["arch"], config["dataset"], width=config["width"], **config["arch_kw"])
     model.load_state_dict(ckpt["state_dict"])
     if path is not None:

@@ -205,14 +205,14 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _config_hash(config: dict[str, Any]) -> str:
+def config_hash(config: dict[str, Any]) -> str:
     blob = json.dumps(config, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
 def checkpoint_path(out_dir: str | os.PathLike[str], config: dict[str, Any], seed: int) -> pathlib.Path:
     """``<out_dir>/<dataset>_<arch>_<confighash>_seed<seed>.pt``."""
-    name = f"{config['dataset']}_{config['arch']}_{_config_hash(config)}_seed{int(seed)}.pt"
+    name = f"{config['dataset']}_{config['arch']}_{config_hash(config)}_seed{int(seed)}.pt"
     return pathlib.Path(out_dir) / name
 
 
@@ -282,7 +282,7 @@ def _make_optimizer(model: nn.Module, config: dict[str, Any]) -> torch.optim.Opt
     return torch.optim.Adam(groups, lr=config["lr"])
 
 
-def _train_one(
+def train_one(
     config: dict[str, Any],
     seed: int,
     train_data: tuple[torch.Tensor, torch.Tensor],
@@ -516,7 +516,7 @@ def train_models(
         test_data = load_dataset(config["dataset"], data_root=data_root, split="test", cache_dir=cache_dir)
         test_loader = make_loader(*test_data, batch_size=512, shuffle=False, dataset=config["dataset"])
         for s, p in todo:
-            ckpt = _train_one(config, s, train_data, test_loader, dev, verbose)
+            ckpt = train_one(config, s, train_data, test_loader, dev, verbose)
             _save_atomic(ckpt, p)
             print(_summary(ckpt, p, "trained"), flush=True)
     finally:

@@ -89,7 +89,7 @@ def test_train_models_digits_and_cache(tmp_path, monkeypatch, capsys):
     def _no_training(*args, **kwargs):
         raise AssertionError("retrained instead of using the cached checkpoint")
 
-    monkeypatch.setattr(train_mod, "_train_one", _no_training)
+    monkeypatch.setattr(train_mod, "train_one", _no_training)
     mtime = paths[0].stat().st_mtime_ns
     again = train_models("digits", "mlp", [0], **kw)
     assert again == paths and paths[0].stat().st_mtime_ns == mtime

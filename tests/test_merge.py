@@ -295,3 +295,29 @@ def test_single_model_returns_a_copy_with_warning():
     assert m is not a
     for k, v in a.state_dict().items():
         assert torch.equal(v, m.state_dict()[k])
+
+
+class _OpaqueAct(torch.nn.Module):
+    def forward(self, x):
+        return torch.tanh(x)
+
+
+def test_merge_takes_channel_rules_for_one_call():
+    from autoalign.graph.registry import registered_rules
+    from autoalign.graph.rules import pointwise
+
+    def net(seed):
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(4, 8), _OpaqueAct(), torch.nn.Linear(8, 3))
+
+    data = [torch.randn(16, 4) for _ in range(3)]
+    before = registered_rules()
+    plain = autoalign.merge_with_report([net(0), net(1)], data, aligner="permutation", leaf_modules=[_OpaqueAct])
+    ruled = autoalign.merge_with_report(
+        [net(0), net(1)], data, aligner="permutation", leaf_modules=[_OpaqueAct], rules={_OpaqueAct: pointwise}
+    )
+    kinds = lambda res: {p.name: p.kind for p in res.spec.points}  # noqa: E731
+    assert kinds(plain)["0"] == "frozen"  # an opaque module without a rule freezes the features it reads
+    assert kinds(ruled)["0"] == "linear"  # with the pointwise rule, the hidden layer is a merge point
+    assert [p.name for p in ruled.report.points] == ["0"] and not plain.report.points
+    assert registered_rules() == before

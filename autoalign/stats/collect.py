@@ -44,7 +44,7 @@ from torch import nn
 from ..calibration import NO_BATCH, Calibration
 from ..capture import tapped_module
 from ..distributed import all_reduce_count, is_distributed
-from ..errors import DataError, NonFiniteError, OptionError
+from ..errors import DataError, NonFiniteError
 from ..spec import MergePoint, MergeSpec, Site
 from ..trace import eval_mode
 from ..vocab import NEEDS, SELF_MOMENTS, check_choice, product_dtype_for
