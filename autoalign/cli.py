@@ -91,7 +91,7 @@ def _floats(text: str, what: str) -> tuple[float, ...]:
 
 
 def _torchvision_names() -> list[str]:
-    from .zoo import torchvision_classifiers
+    from .examples.zoo import torchvision_classifiers
 
     return torchvision_classifiers()
 
@@ -102,7 +102,7 @@ def _unknown_model_message(name: str) -> str:
     if close:
         hint = f"did you mean {close[0]}?" if len(close) == 1 else f"did you mean {', '.join(close[:-1])} or {close[-1]}?"
     else:
-        from .zoo import model_family
+        from .examples.zoo import model_family
 
         examples: dict[str, str] = {}
         for n in sorted(names):
@@ -199,7 +199,7 @@ def _inspect_target(target: str, input_shape: tuple[int, ...] | None, seed: int)
         return model, torch.randn(*input_shape, generator=torch.Generator().manual_seed(seed))
     if name not in _torchvision_names():
         raise CLIError(_unknown_model_message(name))
-    from .zoo import torchvision_example
+    from .examples.zoo import torchvision_example
 
     model, x = torchvision_example(name, seed=seed)
     if input_shape is not None:
@@ -311,7 +311,7 @@ def make_data(
     """A re-iterable of calibration batches from a ``--data`` value (see ``DATA_HELP``)."""
     import torch
 
-    from . import datasets
+    from .examples import datasets
 
     if batch_size < 1:
         raise CLIError(f"--batch-size must be >= 1, got {batch_size}")
@@ -538,7 +538,7 @@ def _cmd_merge(args: argparse.Namespace) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from .examples.demo import run_demo
 
     if args.models < 2:
         raise CLIError(f"--models must be >= 2, got {args.models}")
