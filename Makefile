@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test test-zoo test-all install docs clean
+.PHONY: demo test test-zoo test-all test-install install docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,21 @@ test-zoo: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# what a user gets from `pip install .`: a fresh virtual environment in a temporary folder,
+# the plain install (no extras; torch and torchvision pinned by constraints.txt) of a copy of
+# the sources (a stale build/ here could otherwise slip old modules into the wheel), then the
+# quickest `autoalign demo` run from outside the checkout; the folder is removed afterwards
+test-install:
+	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
+	echo "test-install: fresh virtual environment in $$tmp"; \
+	mkdir "$$tmp/src"; cp -R pyproject.toml README.md autoalign "$$tmp/src/"; \
+	$(PYTHON) -m venv "$$tmp/venv"; \
+	"$$tmp/venv/bin/python" -m pip install --quiet -c constraints.txt "$$tmp/src"; \
+	cd "$$tmp"; \
+	"$$tmp/venv/bin/autoalign" demo --models 2 --epochs 1 --device cpu --quiet --out "$$tmp/demo_out"; \
+	test -s "$$tmp/demo_out/demo_digits.md"; \
+	echo "test-install: ok"
 
 clean:
 	rm -rf $(VENV) build *.egg-info

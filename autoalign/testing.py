@@ -226,7 +226,7 @@ def _conformance_models(seed: int) -> list[tuple[str, nn.Module, list[torch.Tens
     torch.manual_seed(seed)
     mlp = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 3))
     conv = _ConvNet()
-    from .zoo import break_symmetry
+    from .examples.zoo import break_symmetry
 
     break_symmetry(conv, seed=seed)
     return [

@@ -62,7 +62,7 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autoalign  # noqa: E402
-from autoalign.datasets import load_dataset, make_loader  # noqa: E402
+from autoalign.examples.datasets import load_dataset, make_loader  # noqa: E402
 from benchmarks.merge_accuracy import accuracy_from_logits, draws_for, logits_of, machine_line  # noqa: E402
 
 ITEMS = ("ablation", "learned", "hierarchical", "fisher", "finetune", "splits")
@@ -92,7 +92,7 @@ class Context:
     ``calib`` is a list of ``(x, y)`` batches (already normalised), ``test`` a list
     of ``(x, y)`` batches, ``train_x`` / ``train_y`` the raw training set (for
     fine-tuning and splits; ``dataset`` names the normalisation for
-    :func:`autoalign.datasets.make_loader`, ``None`` infers it).
+    :func:`autoalign.examples.datasets.make_loader`, ``None`` infers it).
     """
 
     models: list[nn.Module]

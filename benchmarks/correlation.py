@@ -209,7 +209,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    from autoalign.datasets import load_dataset, make_loader, random_subset
+    from autoalign.examples.datasets import load_dataset, make_loader, random_subset
     from benchmarks.merge_accuracy import machine_line
     from benchmarks.train import load_checkpoint, reuse_kwargs, train_models
 

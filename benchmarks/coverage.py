@@ -5,7 +5,7 @@ Usage::
     python benchmarks/coverage.py --out docs/coverage.md
 
 Each model is built randomly initialised (constant-initialised tensors perturbed,
-BatchNorm calibrated on random images; see ``autoalign.zoo.torchvision_example``),
+BatchNorm calibrated on random images; see ``autoalign.examples.zoo.torchvision_example``),
 its merge points are discovered, and the self-check permutes every non-frozen
 point and compares outputs (eval mode, float32).
 
@@ -27,7 +27,7 @@ import time
 import torch
 
 import autoalign
-from autoalign.zoo import model_family, torchvision_classifiers, torchvision_example
+from autoalign.examples.zoo import model_family, torchvision_classifiers, torchvision_example
 
 
 def cpu_name() -> str:

@@ -54,7 +54,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autoalign  # noqa: E402
-from autoalign.datasets import load_dataset, make_loader, random_subset  # noqa: E402
+from autoalign.examples.datasets import load_dataset, make_loader, random_subset  # noqa: E402
 from autoalign.repair import has_batchnorm  # noqa: E402
 from benchmarks.train import add_reuse_arguments, load_checkpoint, reuse_kwargs, train_models  # noqa: E402
 

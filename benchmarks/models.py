@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 #: ``(channels, height, width)`` and number of classes per data set. Kept here (and
-#: equal to ``autoalign.datasets.DATASET_INFO``) so that the zoo does not depend on
+#: equal to ``autoalign.examples.datasets.DATASET_INFO``) so that the zoo does not depend on
 #: the library.
 DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
     "digits": ((1, 8, 8), 10),

@@ -34,7 +34,7 @@ from torch import nn
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autoalign  # noqa: E402
-from autoalign.datasets import load_dataset, make_loader, random_subset  # noqa: E402
+from autoalign.examples.datasets import load_dataset, make_loader, random_subset  # noqa: E402
 from autoalign.repair import reset_bn, set_batchnorm_affine  # noqa: E402
 from benchmarks.train import evaluate, load_checkpoint  # noqa: E402
 

@@ -49,7 +49,7 @@ from torch import nn
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from autoalign.datasets import load_dataset, make_loader  # noqa: E402
+from autoalign.examples.datasets import load_dataset, make_loader  # noqa: E402
 from benchmarks.models import build_model, canonical_arch  # noqa: E402
 
 __all__ = [

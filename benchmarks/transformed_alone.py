@@ -36,7 +36,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autoalign  # noqa: E402
-from autoalign.datasets import load_dataset, make_loader, random_subset  # noqa: E402
+from autoalign.examples.datasets import load_dataset, make_loader, random_subset  # noqa: E402
 from benchmarks.merge_accuracy import machine_line  # noqa: E402
 from benchmarks.train import add_reuse_arguments, evaluate, load_checkpoint, reuse_kwargs, train_models  # noqa: E402
 

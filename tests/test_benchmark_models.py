@@ -99,7 +99,7 @@ def test_train_models_digits_and_cache(tmp_path, monkeypatch, capsys):
     other = train_mod.checkpoint_path(tmp_path, train_mod.make_config("digits", "mlp", epochs=2, batch_size=32), 0)
     assert other != paths[0]
     model, loaded = load_checkpoint(paths[0])
-    from autoalign.datasets import load_dataset, make_loader
+    from autoalign.examples.datasets import load_dataset, make_loader
 
     x, y = load_dataset("digits", split="test")
     acc = evaluate(model, make_loader(x, y, batch_size=128, shuffle=False, dataset="digits"))

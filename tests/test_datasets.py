@@ -1,4 +1,4 @@
-"""Tests of autoalign.datasets: offline loading, caching and loaders.
+"""Tests of autoalign.examples.datasets: offline loading, caching and loaders.
 
 Synthetic files stand in for MNIST / CIFAR-10; the real data (``AUTOALIGN_DATA``,
 else ``../shared/data`` next to the repository) is only touched by tests that are
@@ -23,8 +23,8 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
-from autoalign import datasets  # noqa: E402
-from autoalign.datasets import (  # noqa: E402
+from autoalign.examples import datasets  # noqa: E402
+from autoalign.examples.datasets import (  # noqa: E402
     DATASET_STATS,
     DATASETS,
     load_dataset,

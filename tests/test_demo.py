@@ -1,11 +1,11 @@
-"""``autoalign.demo.run_demo``: a short run on scikit-learn digits."""
+"""``autoalign.examples.demo.run_demo``: a short run on scikit-learn digits."""
 
 import math
 
 import pytest
 
 import autoalign
-from autoalign.demo import DemoResult, run_demo
+from autoalign.examples.demo import DemoResult, run_demo
 
 
 def test_run_demo_digits_small(tmp_path):

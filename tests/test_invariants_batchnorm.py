@@ -114,7 +114,7 @@ TOPOLOGIES = {"plain": PlainBN, "residual": ResidualBN, "depthwise_se": Depthwis
 
 @pytest.fixture(scope="module")
 def digits() -> tuple[torch.Tensor, torch.Tensor]:
-    from autoalign.datasets import load_dataset
+    from autoalign.examples.datasets import load_dataset
 
     x, y = load_dataset("digits")
     x = (x - x.mean()) / x.std()

@@ -333,7 +333,7 @@ def _cnn(seed):
         nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 3),
     )  # fmt: skip
-    autoalign.zoo.break_symmetry(net, seed=seed)
+    autoalign.examples.zoo.break_symmetry(net, seed=seed)
     return net
 
 

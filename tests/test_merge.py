@@ -8,7 +8,7 @@ from torch import nn
 
 import autoalign
 from autoalign.testing import check_aligner, max_output_diff, permute_model
-from autoalign.zoo import torchvision_example
+from autoalign.examples.zoo import torchvision_example
 
 
 def _mlp(seed: int, d_in: int = 6, hidden: int = 12, d_out: int = 3) -> nn.Module:
@@ -53,7 +53,7 @@ def test_identity_with_batchnorm_does_not_fold():
     torch.manual_seed(0)
     models = [nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2)) for _ in range(2)]
     for m in models:
-        autoalign.zoo.break_symmetry(m)
+        autoalign.examples.zoo.break_symmetry(m)
     merged = autoalign.merge(models, _data(d_in=4), aligner="identity", repair=None)
     for k, v in merged.state_dict().items():
         if torch.is_floating_point(v):

@@ -14,7 +14,7 @@ from autoalign.aligners.linalg import is_permutation
 from autoalign.aligners.zipit import zipit_groups, zipit_transforms
 from autoalign.stats import collect_stats
 from autoalign.testing import check_aligner, max_output_diff, permute_model
-from autoalign.zoo import break_symmetry
+from autoalign.examples.zoo import break_symmetry
 
 pytest.importorskip("ot")
 

@@ -25,7 +25,7 @@ def _trained_mlp(seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
 
 @pytest.fixture(scope="module")
 def setup():
-    from autoalign.datasets import load_dataset
+    from autoalign.examples.datasets import load_dataset
 
     x, y = load_dataset("digits")
     x = (x - x.mean()) / x.std()

@@ -10,7 +10,7 @@ from torch import nn
 
 import autoalign
 from autoalign import AxisRole, MergePoint, MergeSpec, SpecError
-from autoalign.zoo import break_symmetry
+from autoalign.examples.zoo import break_symmetry
 
 
 class Block(nn.Module):

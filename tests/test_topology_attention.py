@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import autoalign
-from autoalign.zoo import break_symmetry
+from autoalign.examples.zoo import break_symmetry
 
 D, HEADS = 8, 2
 HD = D // HEADS

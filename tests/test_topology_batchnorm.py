@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import autoalign
-from autoalign.zoo import break_symmetry
+from autoalign.examples.zoo import break_symmetry
 
 
 def _axis(spec, tensor, axis, block=None):

@@ -11,11 +11,11 @@ from torch import nn
 
 import autoalign
 import autoalign.aligners.weight_matching  # noqa: F401  (registers the aligner)
-import autoalign.zoo
+import autoalign.examples.zoo
 from autoalign.aligners.weight_matching import WeightMatchingAligner, weight_matching
 from autoalign.trace import eval_mode
 from autoalign.testing import check_aligner, max_output_diff, permute_model, random_permutations
-from autoalign.zoo import break_symmetry
+from autoalign.examples.zoo import break_symmetry
 
 
 class _ResCNN(nn.Module):
@@ -116,7 +116,7 @@ def test_recovers_permutation_two_models(label):
 
 
 def test_recovers_permutation_resnet18():
-    a, x = autoalign.zoo.torchvision_example("resnet18")
+    a, x = autoalign.examples.zoo.torchvision_example("resnet18")
     spec = autoalign.find_merge_points(a, x)
     b = permute_model(a, spec, seed=3)
     res = autoalign.merge_with_report([a, b], [x], aligner="weight_matching", repair=None, spec=spec)

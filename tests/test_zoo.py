@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import autoalign
-from autoalign.zoo import model_family, torchvision_classifiers, torchvision_example
+from autoalign.examples.zoo import model_family, torchvision_classifiers, torchvision_example
 
 CNN_FAMILIES = {
     "alexnet", "vgg", "resnet", "resnext", "wide_resnet", "densenet", "googlenet", "inception", "squeezenet",

@@ -108,7 +108,7 @@ def torchvision_example(name: str, *, batch_size: int = 2, seed: int = 0) -> tup
     g = torch.Generator().manual_seed(seed)
     # calibrate BatchNorm statistics on random images, as training would: without it
     # activations drift to huge or vanishing scales and many ReLU units are dead
-    from .repair import reset_bn
+    from ..repair import reset_bn
 
     reset_bn(model, [torch.randn(8, 3, size, size, generator=g) for _ in range(2)])
     return model, torch.randn(batch_size, 3, size, size, generator=g)

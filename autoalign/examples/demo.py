@@ -284,8 +284,8 @@ def _plot(rows: Sequence[DemoRow], archs: Sequence[str], path: pathlib.Path, tit
 
 def _repairs_for(model: nn.Module) -> list[str | None]:
     """Repairs that change something for this model: None always, the others when they apply."""
-    from .merge import REPAIRS
-    from .repair import has_batchnorm
+    from ..merge import REPAIRS
+    from ..repair import has_batchnorm
 
     out: list[str | None] = [None]
     for r in REPAIRS:
@@ -322,7 +322,7 @@ def run_demo(
         ``digits`` is scikit-learn's bundled 8x8 digits (1437 train / 360 test images).
     data_root : path, optional
         Data root for the other data sets (default: ``$AUTOALIGN_DATA``); see
-        :mod:`autoalign.datasets`.
+        :mod:`autoalign.examples.datasets`.
     n_models : int, default 4
         Models per architecture; model ``i`` uses seed ``seed + i`` for its
         initialisation and data order.
@@ -361,7 +361,7 @@ def run_demo(
 
     Examples
     --------
-    >>> from autoalign.demo import run_demo
+    >>> from autoalign.examples.demo import run_demo
     >>> result = run_demo(n_models=2, epochs=2, out_dir="/tmp/demo", progress=False)  # doctest: +SKIP
     >>> sorted({r.method for r in result.merge_rows()})  # doctest: +SKIP
     ['cca', 'identity', 'permutation']
@@ -398,11 +398,11 @@ def _run_demo(
     aligners: Sequence[str] | None,
     print_fn: Callable[[str], None],
 ) -> DemoResult:
-    from . import list_aligners, merge_with_report
-    from .datasets import DATASET_INFO, _canonical_name, load_dataset, make_loader, random_subset
+    from .. import list_aligners, merge_with_report
+    from .datasets import DATASET_INFO, canonical_name, load_dataset, make_loader, random_subset
 
     t_start = time.perf_counter()
-    key = _canonical_name(dataset)
+    key = canonical_name(dataset)
     defaults = DEMO_DEFAULTS[key]
     if n_models < 1:
         raise ValueError(f"n_models must be >= 1, got {n_models}")
