@@ -24,6 +24,7 @@ if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
 from autoalign.examples import datasets  # noqa: E402
+from autoalign.examples.datasets import cifar as cifar_module  # noqa: E402
 from autoalign.examples.datasets import (  # noqa: E402
     DATASET_STATS,
     DATASETS,
@@ -228,7 +229,7 @@ def test_cifar_from_synthetic_tar_and_cache_reuse(tmp_path, monkeypatch):
     def _no_decode(*args, **kwargs):
         raise AssertionError("the archive was decoded again instead of reading the cache")
 
-    monkeypatch.setattr(datasets, "_decode_cifar_source", _no_decode)
+    monkeypatch.setattr(cifar_module, "decode_cifar_source", _no_decode)
     x2, y2 = load_dataset("cifar10", data_root=root, split="train", cache_dir=cache)
     assert torch.equal(x, x2) and torch.equal(y, y2)
     x_te, y_te = load_dataset("cifar10", data_root=root, split="test", cache_dir=cache)

@@ -50,7 +50,6 @@ from .base import (
     resolve_cache_dir,
     resolve_data_root,
 )
-from .cifar import decode_cifar_source as _decode_cifar_source
 from .cifar import load_cifar10
 from .digits import load_digits_arrays
 from .idx import load_idx_dataset, read_idx
@@ -73,9 +72,6 @@ __all__ = [
     "read_idx",
     "CIFAR10_CLASSES",
 ]
-
-# ``_decode_cifar_source`` is looked up here at every call of load_dataset, so that
-# replacing this module attribute (as a test of the cache does) replaces the decoder.
 
 
 def load_dataset(
@@ -123,7 +119,7 @@ def load_dataset(
         x, y = load_idx_dataset(root, key, split)
     else:
         root = resolve_data_root(data_root)
-        x, y = load_cifar10(root, split, cache_dir, decode=_decode_cifar_source)
+        x, y = load_cifar10(root, split, cache_dir)
     images = torch.from_numpy(np.ascontiguousarray(x)).to(torch.float32)
     if key == "digits":
         images.div_(16.0)

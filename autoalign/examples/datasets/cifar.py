@@ -99,7 +99,7 @@ def load_cifar10(
     split: str,
     cache_dir: str | os.PathLike[str] | None,
     *,
-    decode: Callable[[pathlib.Path], dict[str, np.ndarray]] = decode_cifar_source,
+    decode: Callable[[pathlib.Path], dict[str, np.ndarray]] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """One split of CIFAR-10 under a data root.
 
@@ -112,8 +112,9 @@ def load_cifar10(
     cache_dir : str or path-like or None
         Where decoded JPEGs are cached (see
         :func:`~autoalign.examples.datasets.resolve_cache_dir`).
-    decode : callable, default :func:`decode_cifar_source`
-        Decodes an archive or folder of JPEGs when the cache has no copy yet.
+    decode : callable, optional
+        Decodes an archive or folder of JPEGs when the cache has no copy yet
+        (default: this module's :func:`decode_cifar_source`, looked up at call time).
 
     Returns
     -------
@@ -150,7 +151,7 @@ def load_cifar10(
     cache_file = _cifar_cache_path(source, cache_dir)
     arrays = _read_cifar_cache(cache_file)
     if arrays is None:
-        arrays = decode(source)
+        arrays = (decode or decode_cifar_source)(source)
         _write_npz_atomic(cache_file, arrays)
     return arrays[f"x_{split}"], arrays[f"y_{split}"].astype(np.int64)
 
