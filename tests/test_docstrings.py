@@ -78,3 +78,23 @@ def test_public_docstring_has_examples_that_run(name, restore_registries):
         runner.run(t, out=report.append)
     result = runner.summarize(verbose=False)
     assert result.failed == 0, f"{name}: {result.failed} of {result.attempted} doctest examples failed\n" + "".join(report)
+
+
+def _library_modules() -> list[str]:
+    import pkgutil
+
+    return sorted(m.name for m in pkgutil.walk_packages(autoalign.__path__, "autoalign."))
+
+
+@pytest.mark.parametrize("module", _library_modules())
+def test_every_module_s_doctests_run(module, restore_registries):
+    """Every example in the library's docstrings runs (not only the public objects')."""
+    import importlib
+
+    mod = importlib.import_module(module)
+    runner = doctest.DocTestRunner(optionflags=_FLAGS)
+    report: list[str] = []
+    for t in doctest.DocTestFinder().find(mod, module):
+        runner.run(t, out=report.append)
+    result = runner.summarize(verbose=False)
+    assert result.failed == 0, f"{module}: {result.failed} of {result.attempted} doctest examples failed\n" + "".join(report)
