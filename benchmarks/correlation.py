@@ -93,7 +93,7 @@ def analyse(
         raise ValueError(f"need exactly two models, got {len(models)}")
     if example_inputs is None:
         batch = next(iter(data))
-        example_inputs = autoalign.stats.default_input_fn(batch)
+        example_inputs = autoalign.calibration.default_input_fn(batch)
     spec = autoalign.find_merge_points(models[0], example_inputs)
     candidates = [p for p in spec.points if p.kind != "frozen" and p.sites]
     if not candidates:
