@@ -21,6 +21,7 @@ import torch
 
 from .errors import SpecError
 from .spec import AxisRole, FoldedNorm, MergeSpec
+from .spec.parts import index_along
 
 __all__ = ["fold_batchnorm", "folds_needed", "transform_state_dict", "average_state_dicts"]
 
@@ -118,10 +119,7 @@ def _as_permutation(mat: torch.Tensor) -> torch.Tensor | None:
 
 def _apply_axis(t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, mat: torch.Tensor) -> None:
     """Apply one point's dense matrix along one axis of ``t`` (in place)."""
-    view = t
-    if ax.block is not None:
-        b_axis, start, stop = ax.block
-        view = t.narrow(b_axis, start, stop - start)
+    view = ax.block_of(t)
     r, d = idx.shape
     flat = idx.reshape(-1)
     mat = mat.to(t.dtype)
@@ -130,9 +128,8 @@ def _apply_axis(t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, mat: torch.Ten
         g = x[..., flat].reshape(*x.shape[:-1], r, d)
         x[..., flat] = (g @ mat).reshape(*x.shape[:-1], r * d)
     else:
-        x = view.movedim(ax.axis, 0)
-        g = x[flat].reshape(r, d, -1)
-        x[flat] = torch.einsum("ij,rjk->rik", mat, g).reshape(r * d, *x.shape[1:])
+        x = ax.axis_major(t)
+        x[flat] = torch.einsum("ij,rjk->rik", mat, ax.gather(t, idx)).reshape(r * d, *x.shape[1:])
 
 
 def _gather_index(ax: AxisRole, idx: torch.Tensor, src: torch.Tensor, current: torch.Tensor | None) -> torch.Tensor:
@@ -240,17 +237,8 @@ def transform_state_dict(
             _apply_axis(work[ax.tensor], ax, idx, u if ax.role == "input" else m)
     for k, v in work.items():
         sd[k] = v.to(dtype=state_dict[k].dtype, device=state_dict[k].device)
-    for (k, axis, block), index in gathers.items():  # noqa: B007
-        t = sd[k]
-        index = index.to(t.device)
-        if block is None:
-            sd[k] = t.index_select(axis, index)
-        else:
-            b_axis, start, stop = block
-            t = t.clone()
-            part = t.narrow(b_axis, start, stop - start)
-            part.copy_(part.index_select(axis, index))
-            sd[k] = t
+    for (k, axis, block), index in gathers.items():
+        sd[k] = index_along(sd[k], axis, block, index)
     for alias, canonical in spec.aliases.items():
         if alias in sd and canonical in sd:
             sd[alias] = sd[canonical]

@@ -168,8 +168,8 @@ class Calibration:
 
     Examples
     --------
-    >>> import torch
-    >>> calib = Calibration([(torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]))] * 3, num_batches=2)
+    >>> import torch, autoalign
+    >>> calib = autoalign.Calibration([(torch.zeros(4, 3), torch.tensor([0, 1, 0, 1]))] * 3, num_batches=2)
     >>> [tuple(x.shape) for (x,) in calib.inputs("cpu")]
     [(4, 3), (4, 3)]
     >>> tuple(calib.example()[0].shape)

@@ -47,13 +47,14 @@ class MergeOptions:
 
     Examples
     --------
-    >>> opts = MergeOptions.from_kwargs(aligner="cca", ridge=0.1, repair=None)
+    >>> import autoalign
+    >>> opts = autoalign.MergeOptions.from_kwargs(aligner="cca", ridge=0.1, repair=None)
     >>> opts.aligner_options, opts.repair
     ({'ridge': 0.1}, None)
     >>> opts.check(n_models=2)
     >>> try:
-    ...     MergeOptions(scheme="tree").check(n_models=2)
-    ... except OptionError as exc:
+    ...     autoalign.MergeOptions(scheme="tree").check(n_models=2)
+    ... except autoalign.OptionError as exc:
     ...     print(exc)
     scheme must be one of ('all_to_one', 'iterative', 'hierarchical'), got 'tree'
     """

@@ -9,6 +9,7 @@ from collections.abc import Collection
 import torch
 
 from ..spec import AxisRole, MergeSpec
+from ..spec.parts import index_along
 
 __all__ = ["WeightLayout", "Key", "Perms"]
 
@@ -115,15 +116,7 @@ class WeightLayout:
             if index is None:
                 continue
             _, axis, block = key
-            index = index.to(t.device)
-            if block is None:
-                t = t.index_select(axis, index)
-            else:
-                b_axis, start, stop = block
-                if not own:
-                    t = t.clone()
-                part = t.narrow(b_axis, start, stop - start)
-                part.copy_(part.index_select(axis, index))
+            t = index_along(t, axis, block, index)
             own = True
         return t if own else t.clone()
 
@@ -132,10 +125,7 @@ class WeightLayout:
 
         ``rel = old⁻¹[new]``: coordinate ``i`` now takes what coordinate ``rel[i]`` held.
         """
-        if ax.block is not None:
-            b_axis, start, stop = ax.block
-            t = t.narrow(b_axis, start, stop - start)
-        x = t.movedim(ax.axis, 0)
+        x = ax.axis_major(t)
         dst = idx.reshape(-1).to(t.device)
         src = idx[:, rel].reshape(-1).to(t.device)
         x[dst] = x[src].clone()
@@ -147,13 +137,8 @@ class WeightLayout:
         along the axis; replicas are laid side by side so that a product of two
         such matrices sums over them.
         """
-        if ax.block is not None:
-            b_axis, start, stop = ax.block
-            t = t.narrow(b_axis, start, stop - start)
-        x = t.movedim(ax.axis, 0)
         r, d = idx.shape
-        g = x[idx.reshape(-1).to(t.device)].reshape(r, d, -1)
-        return g.transpose(0, 1).reshape(d, -1)
+        return ax.gather(t, idx).transpose(0, 1).reshape(d, -1)
 
     def permute_all(self, sd: dict[str, torch.Tensor], perms: Perms) -> dict[str, torch.Tensor]:
         """All objective tensors of one model, fully permuted."""

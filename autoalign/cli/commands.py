@@ -111,7 +111,9 @@ def cmd_merge(args: argparse.Namespace) -> int:
     """
     import torch
 
-    from .. import __version__, get_aligner, list_aligners, merge_with_report
+    from .. import __version__, get_aligner, list_aligners
+    from ..merge import run
+    from ..options import MergeOptions
 
     # cheap checks first: aligner name and options, files, output folder
     options = dict(parse_option(o) for o in args.option)
@@ -148,6 +150,14 @@ def cmd_merge(args: argparse.Namespace) -> int:
     std = parse_floats(args.std, "--std") if args.std else None
     if (mean is None) != (std is None):
         raise CLIError("--mean and --std go together")
+    # the same options object the library checks, checked before anything is loaded
+    opts = MergeOptions.from_kwargs(
+        **options, aligner=args.aligner, reference=reference,
+        repair=None if args.repair == "none" else args.repair, batchnorm=args.batchnorm, features=args.features,
+        scheme=args.scheme, num_batches=args.num_batches, device=args.device, progress=args.progress,
+        precision=args.precision,
+    )
+    opts.check(len(args.checkpoint))
 
     t_start = time.perf_counter()
     loaded = [load_checkpoint(p, trust=args.trust_checkpoints) for p in args.checkpoint]
@@ -168,12 +178,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     data = make_data(args.data, batch_size=args.batch_size, split=args.split, image_size=args.image_size, mean=mean, std=std)
     t_load = time.perf_counter() - t_start
 
-    repair = None if args.repair == "none" else args.repair
     print(f"merging {len(models)} x {arch} with aligner {args.aligner!r} on {args.data} ...", flush=True)
-    result = merge_with_report(
-        models, data, aligner=args.aligner, reference=reference, repair=repair, batchnorm=args.batchnorm,
-        features=args.features, scheme=args.scheme, num_batches=args.num_batches, device=args.device, progress=args.progress, precision=args.precision, **options,
-    )
+    result = run(models, data, opts)
     report = result.report
     table = report.table()
     print(table)

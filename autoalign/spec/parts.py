@@ -7,11 +7,12 @@ from dataclasses import dataclass, field, fields
 from typing import Any, Iterable, Mapping
 
 import numpy as np
+import torch
 
 from ..errors import SpecError
 from ..vocab import KINDS, ROLES
 
-__all__ = ["kind_rank", "replica_index", "dataclass_eq", "Site", "MergePoint", "AxisRole", "FoldedNorm"]
+__all__ = ["kind_rank", "replica_index", "index_along", "dataclass_eq", "Site", "MergePoint", "AxisRole", "FoldedNorm"]
 
 _KIND_RANK = {k: i for i, k in enumerate(KINDS)}
 
@@ -39,6 +40,28 @@ def replica_index(positions: np.ndarray, locals_: np.ndarray, dim: int) -> np.nd
     if not np.array_equal(sorted_locals, np.repeat(np.arange(dim), reps)):
         return None
     return positions[order].reshape(dim, reps).T.copy()
+
+
+def index_along(t: "torch.Tensor", axis: int, block: tuple[int, int, int] | None, index: "torch.Tensor") -> "torch.Tensor":
+    """``t`` gathered along ``axis`` by ``index`` (a new tensor); with ``block = (axis', start,
+    stop)`` only that slice of ``axis'`` is gathered, the rest copied as is.
+
+    Examples
+    --------
+    >>> import torch
+    >>> index_along(torch.arange(4.0).reshape(2, 2), 1, None, torch.tensor([1, 0])).tolist()
+    [[1.0, 0.0], [3.0, 2.0]]
+    >>> index_along(torch.arange(4.0).reshape(2, 2), 1, (0, 1, 2), torch.tensor([1, 0])).tolist()
+    [[0.0, 1.0], [3.0, 2.0]]
+    """
+    index = index.to(t.device)
+    if block is None:
+        return t.index_select(axis, index)
+    b_axis, start, stop = block
+    t = t.clone()
+    part = t.narrow(b_axis, start, stop - start)
+    part.copy_(part.index_select(axis, index))
+    return t
 
 
 def dataclass_eq(a: Any, b: Any) -> bool:
@@ -298,6 +321,31 @@ class AxisRole:
                 )
             self._index[point] = idx
         return self._index[point]
+
+    def block_of(self, t: "torch.Tensor") -> "torch.Tensor":
+        """The part of ``t`` this role covers: ``t`` itself, or a view of its block."""
+        if self.block is None:
+            return t
+        b_axis, start, stop = self.block
+        return t.narrow(b_axis, start, stop - start)
+
+    def axis_major(self, t: "torch.Tensor") -> "torch.Tensor":
+        """A view of (the block of) ``t`` with this role's axis first."""
+        return self.block_of(t).movedim(self.axis, 0)
+
+    def gather(self, t: "torch.Tensor", idx: "torch.Tensor") -> "torch.Tensor":
+        """``t``'s slices at a point's positions ``idx`` (shape ``(R, d)``), shape ``(R, d, K)``
+        with ``K`` the entries per position (a copy).
+
+        Examples
+        --------
+        >>> import torch
+        >>> ax = AxisRole("w", 0, "output", np.array([0, 0, -1]), np.array([1, 0, -1]))
+        >>> ax.gather(torch.arange(6.0).reshape(3, 2), torch.tensor([[1, 0]])).tolist()
+        [[[2.0, 3.0], [0.0, 1.0]]]
+        """
+        r, d = idx.shape
+        return self.axis_major(t)[idx.reshape(-1).to(t.device)].reshape(r, d, -1)
 
     def to_dict(self) -> dict[str, Any]:
         d: dict[str, Any] = {
