@@ -7,20 +7,24 @@ role, and verifies that the network computes the same function.
 
 from __future__ import annotations
 
+import contextlib
+
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
 
+from .aligners import registry as aligner_registry
 from .apply import transform_state_dict
+from .graph import registry as rule_registry
 from .graph.discover import find_merge_points
 from .graph.registry import ChannelRule
 from .spec import MergeSpec
 from .trace import as_input_tuple, eval_mode
 
-__all__ = ["CheckReport", "check", "check_aligner", "permute_model", "random_permutations", "max_output_diff"]
+__all__ = ["CheckReport", "check", "check_aligner", "permute_model", "random_permutations", "max_output_diff", "isolated_registries"]
 
 
 @dataclass
@@ -293,3 +297,29 @@ def check_aligner(aligner: Any, *, n_models: int = 3, seed: int = 0, rtol: float
             failures.append(f"{label}: merge([A] * {n_models}) differs from A by {diff:.3g} (scale {scale:.3g})")
     if failures:
         raise AssertionError(f"aligner {aligner!r} failed conformance:\n  " + "\n  ".join(failures))
+
+
+@contextlib.contextmanager
+def isolated_registries() -> Iterator[None]:
+    """Undo, on exit, every aligner and channel rule registered inside the block.
+
+    For tests (and examples) that register plug-ins without leaving them behind.
+
+    Examples
+    --------
+    >>> import autoalign
+    >>> with isolated_registries():
+    ...     @autoalign.register_aligner(name="temporary-example")
+    ...     class Temporary(autoalign.aligners.IdentityAligner):
+    ...         pass
+    ...     "temporary-example" in autoalign.list_aligners()
+    True
+    >>> "temporary-example" in autoalign.list_aligners()
+    False
+    """
+    aligners, rules = aligner_registry.snapshot(), rule_registry.snapshot()
+    try:
+        yield
+    finally:
+        aligner_registry.restore(aligners)
+        rule_registry.restore(rules)

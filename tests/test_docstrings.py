@@ -16,8 +16,6 @@ import pytest
 
 import autoalign
 import autoalign.testing
-from autoalign.aligners import registry as aligner_registry
-from autoalign.graph import registry as rule_registry
 
 _EXAMPLES = re.compile(r"^Examples\n-{3,}\n", re.M)
 _FLAGS = doctest.ELLIPSIS | doctest.NORMALIZE_WHITESPACE
@@ -46,15 +44,8 @@ def _own_docstring(obj: object) -> str:
 @pytest.fixture
 def restore_registries():
     """Examples may register aligners or channel rules: undo that afterwards."""
-    aligners = dict(aligner_registry._REGISTRY)
-    tables = [rule_registry._MODULE_RULES, rule_registry._FUNCTION_RULES, rule_registry._METHOD_RULES]
-    saved = [dict(t) for t in tables]
-    yield
-    aligner_registry._REGISTRY.clear()
-    aligner_registry._REGISTRY.update(aligners)
-    for table, old in zip(tables, saved):
-        table.clear()
-        table.update(old)
+    with autoalign.testing.isolated_registries():
+        yield
 
 
 def test_the_list_of_public_objects_is_complete():

@@ -95,7 +95,7 @@ def test_bad_option_values_raise(name, opts, match):
     with pytest.raises(autoalign.OptionError, match=match):
         autoalign.get_aligner(name, **opts)
     with pytest.raises(ValueError, match=match):
-        autoalign.aligners.registry._REGISTRY[name](**opts)
+        autoalign.aligners.registry.aligner_class(name)(**opts)
 
 
 # --- exact recovery ---------------------------------------------------------------------------

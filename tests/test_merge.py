@@ -270,7 +270,7 @@ def test_register_aligner_duplicate_and_replace():
     finally:
         from autoalign.aligners import registry
 
-        registry._REGISTRY.pop("mine-test", None)
+        registry.unregister_aligner("mine-test")
 
 
 def test_bad_inputs_are_named():

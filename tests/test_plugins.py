@@ -51,7 +51,7 @@ def test_entry_point_plugin_is_listed_and_usable(tmp_path, monkeypatch):
         expect = (models[0][0].weight + models[1][0].weight) / 2
         torch.testing.assert_close(merged[0].weight, expect)
     finally:
-        registry._REGISTRY.pop("halfway", None)
+        registry.unregister_aligner("halfway")
 
 
 def test_plugin_in_a_fresh_interpreter(tmp_path):

@@ -20,7 +20,7 @@ def test_readme_custom_aligner_example_runs_and_passes_conformance():
     finally:
         from autoalign.aligners import registry
 
-        registry._REGISTRY.pop("procrustes-example", None)
+        registry.unregister_aligner("procrustes-example")
 
 
 def test_readme_schemes_averaging_repair_block_runs_on_small_models():

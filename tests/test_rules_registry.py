@@ -13,12 +13,9 @@ from autoalign.graph import registry
 @pytest.fixture(autouse=True)
 def _restore_registry():
     """Every test here may register rules: put the registry back as it was."""
-    tables = (registry._MODULE_RULES, registry._FUNCTION_RULES, registry._METHOD_RULES)
-    saved = [dict(t) for t in tables]
+    saved = registry.snapshot()
     yield
-    for t, s in zip(tables, saved):
-        t.clear()
-        t.update(s)
+    registry.restore(saved)
 
 
 def _axis(spec, tensor, axis, block=None):
@@ -245,7 +242,7 @@ class CallableObject:
 
 
 def _registry_snapshot():
-    return [dict(t) for t in (registry._MODULE_RULES, registry._FUNCTION_RULES, registry._METHOD_RULES)]
+    return list(registry.snapshot())
 
 
 @pytest.mark.parametrize(

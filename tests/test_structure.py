@@ -154,7 +154,7 @@ def _private_uses(folder: pathlib.Path, known: set[str]) -> list[str]:
     return bad
 
 
-@pytest.mark.parametrize("folder", ["autoalign", "benchmarks"])
+@pytest.mark.parametrize("folder", ["autoalign", "benchmarks", "tests"])
 def test_no_private_name_is_used_outside_its_module(folder):
     known = set(_modules(PACKAGE)) | set(_modules(ROOT / "benchmarks"))
     assert _private_uses(ROOT / folder, known) == []

@@ -21,7 +21,7 @@ from ..options import MERGE_ARGUMENTS
 from ..vocab import NEEDS, SELF_MOMENTS
 from .base import Aligner
 
-__all__ = ["register_aligner", "get_aligner", "list_aligners", "describe_aligners", "aligner_options", "reload_plugins", "ENTRY_POINT_GROUP"]
+__all__ = ["register_aligner", "unregister_aligner", "aligner_class", "snapshot", "restore", "get_aligner", "list_aligners", "describe_aligners", "aligner_options", "reload_plugins", "ENTRY_POINT_GROUP"]
 
 ENTRY_POINT_GROUP = "autoalign.aligners"
 _REGISTRY: dict[str, type[Aligner]] = {}
@@ -72,6 +72,46 @@ def register_aligner(cls: A | None = None, *, name: str | None = None, replace: 
         raise OptionError(f"an aligner named {key!r} is already registered ({_REGISTRY[key].__qualname__}); pass replace=True")
     _REGISTRY[key] = cls
     return cls
+
+
+def unregister_aligner(name: str) -> None:
+    """Remove the aligner registered under ``name`` (nothing happens for an unknown name).
+
+    Examples
+    --------
+    >>> import autoalign
+    >>> @autoalign.register_aligner(name="gone-example", replace=True)
+    ... class Gone(autoalign.aligners.IdentityAligner):
+    ...     pass
+    >>> unregister_aligner("gone-example"); "gone-example" in autoalign.list_aligners()
+    False
+    """
+    _REGISTRY.pop(name, None)
+
+
+def aligner_class(name: str) -> type[Aligner]:
+    """The class registered under ``name``.
+
+    Raises
+    ------
+    OptionError
+        For an unknown name (as :func:`get_aligner`).
+    """
+    _load_plugins()
+    if name not in _REGISTRY:
+        get_aligner(name)  # raises, naming the choices
+    return _REGISTRY[name]
+
+
+def snapshot() -> dict[str, type[Aligner]]:
+    """A copy of the registry, for :func:`restore` (e.g. around a test that registers aligners)."""
+    return dict(_REGISTRY)
+
+
+def restore(saved: dict[str, type[Aligner]]) -> None:
+    """Put the registry back as :func:`snapshot` saw it."""
+    _REGISTRY.clear()
+    _REGISTRY.update(saved)
 
 
 def _load_plugins() -> None:

@@ -29,6 +29,8 @@ from ..errors import OptionError
 __all__ = [
     "ChannelRule", "Target", "TargetKind", "RuleTable", "register_channel_rule", "rule_overrides", "find_rule",
     "registered_rules",
+    "snapshot",
+    "restore",
 ]
 
 ChannelRule = Callable[[Any], Any]
@@ -309,3 +311,21 @@ def registered_rules() -> dict[str, list[str]]:
         "functions": sorted(fname(f) for f in _FUNCTION_RULES),
         "methods": sorted(_METHOD_RULES),
     }
+
+
+def snapshot() -> tuple[dict[Any, ChannelRule], ...]:
+    """A copy of the global rule tables, for :func:`restore` (e.g. around a test that registers rules).
+
+    Examples
+    --------
+    >>> saved = snapshot()
+    >>> restore(saved)
+    """
+    return (dict(_MODULE_RULES), dict(_FUNCTION_RULES), dict(_METHOD_RULES))
+
+
+def restore(saved: tuple[dict[Any, ChannelRule], ...]) -> None:
+    """Put the global rule tables back as :func:`snapshot` saw them."""
+    for table, old in zip((_MODULE_RULES, _FUNCTION_RULES, _METHOD_RULES), saved):
+        table.clear()
+        table.update(old)
