@@ -364,7 +364,7 @@ def repair_producers(
     BatchNorm layers named in ``targets`` get the target as their affine
     (``weight = σ_t``, ``bias = μ_t``) and freshly estimated running statistics.
     Producers (``nn.Linear`` / ``nn.Conv*d``) are corrected in one pass over
-    ``data``: a hook replaces each producer's output ``y`` by
+    ``data``: a tap (:mod:`autoalign.capture`) replaces each producer's output ``y`` by
     ``(y − μ_b) / σ_b · σ_t + μ_t`` with the batch's statistics (like BatchNorm
     in training mode, so every later layer sees already corrected inputs) while
     accumulating ``μ̂, σ̂`` of ``y`` over all batches; then
@@ -413,8 +413,8 @@ def repair_producers(
     set_batchnorm_affine(model, bn_targets)
     acc: dict[str, list[Any]] = {}
 
-    def make_hook(name: str, axis: int, mean_t: torch.Tensor, std_t: torch.Tensor) -> Callable[..., torch.Tensor]:
-        def hook(_m: nn.Module, _inp: Any, y: torch.Tensor) -> torch.Tensor:
+    def correction(name: str, axis: int, mean_t: torch.Tensor, std_t: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        def correct(y: torch.Tensor) -> torch.Tensor:
             y2 = _per_channel(y, axis)
             _accumulate(acc, name, y2)
             mb = y2.mean(0)
@@ -426,12 +426,11 @@ def repair_producers(
             z = (y.to(torch.float64) - mb.reshape(shape)) * scale.reshape(shape) + mt.reshape(shape)
             return z.to(y.dtype)
 
-        return hook
+        return correct
 
-    corrections = {}
-    for name, (mt, st) in prod_targets.items():
-        hook = make_hook(name, channel_axis(model.get_submodule(name)), mt, st)
-        corrections[name] = lambda y, hook=hook: hook(None, None, y)
+    corrections = {
+        name: correction(name, channel_axis(model.get_submodule(name)), mt, st) for name, (mt, st) in prod_targets.items()
+    }
     calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
     gm, _ = module_tapped(model, rewrite_outputs=corrections, keep_output=True, **(trace_options or {}))
     seen = _calibration_pass(model, calib, desc="repair", run=gm)
