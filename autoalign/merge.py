@@ -13,6 +13,7 @@ first merges with each candidate on part of the data (:mod:`autoalign.select`).
 from __future__ import annotations
 
 import copy
+import inspect
 import time
 import warnings
 from typing import Any, Callable, Iterable, Mapping, Sequence
@@ -184,42 +185,14 @@ def merge(
     >>> type(merged).__name__
     'Sequential'
     """
-    return merge_with_report(
-        models, data, aligner=aligner, reference=reference, weights=weights, scheme=scheme, max_iterations=max_iterations,
-        averaging=averaging, averaging_options=averaging_options, repair=repair, batchnorm=batchnorm, features=features,
-        num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision, rules=rules, **aligner_options,
-    ).model
+    options = {k: v for k, v in locals().items() if k not in ("models", "data", "aligner_options")}
+    return run(models, data, MergeOptions.from_kwargs(**options, **aligner_options)).model
 
 
-def merge_with_report(
-    models: Sequence[nn.Module],
-    data: Iterable[Any],
-    *,
-    aligner: str | Aligner = "procrustes",
-    reference: int | str = 0,
-    weights: Sequence[float] | None = None,
-    scheme: Scheme = "all_to_one",
-    max_iterations: int = 10,
-    averaging: Averaging = "uniform",
-    averaging_options: dict[str, Any] | None = None,
-    repair: Repair | None = "auto",
-    batchnorm: BatchNormMode = "fold",
-    features: Features = "activation",
-    num_batches: int | None = None,
-    device: torch.device | str | None = None,
-    input_fn: Callable[[Any], Any] | None = None,
-    spec: MergeSpec | None = None,
-    progress: bool = False,
-    leaf_modules: Sequence[Any] = (),
-    autowrap_functions: Sequence[Callable[..., Any]] = (),
-    precision: Precision | None = None,
-    rules: Mapping[Any, Callable[..., Any]] | None = None,
-    **aligner_options: Any,
-) -> MergeResult:
+def merge_with_report(models: Sequence[nn.Module], data: Iterable[Any], **options: Any) -> MergeResult:
     """Merge models and return the merged model with a report, the spec and the plan.
 
-    Takes the same arguments as :func:`merge`.
+    Takes the same arguments as :func:`merge` (its signature is :func:`merge`'s).
 
     Returns
     -------
@@ -231,22 +204,14 @@ def merge_with_report(
     Examples
     --------
     >>> import torch, autoalign
-    >>> def mlp(seed):
-    ...     torch.manual_seed(seed)
-    ...     return torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    >>> data = [torch.randn(32, 4) for _ in range(4)]
-    >>> result = autoalign.merge_with_report([mlp(0), mlp(1)], data, aligner="permutation", repair="repair")
+    >>> nets = [torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3)) for _ in range(2)]
+    >>> result = autoalign.merge_with_report(nets, [torch.randn(32, 4)] * 4, aligner="permutation", repair="repair")
     >>> [p.used for p in result.report.points]
     ['permutation']
     >>> sorted(result.repair_targets)
     ['0']
     """
-    opts = MergeOptions.from_kwargs(
-        aligner=aligner, reference=reference, weights=weights, scheme=scheme, max_iterations=max_iterations,
-        averaging=averaging, averaging_options=averaging_options, repair=repair, batchnorm=batchnorm, features=features,
-        num_batches=num_batches, device=device, input_fn=input_fn, spec=spec, progress=progress,
-        leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, precision=precision, rules=rules, **aligner_options,
-    )
+    opts = MergeOptions.from_kwargs(**options)
     return run(models, data, opts)
 
 
@@ -312,3 +277,6 @@ def _merge_selected(
     result.report.selection = Selection(option, best, losses, kind, len(fit), len(held), errors)
     result.report.timings["selection"] = seconds  # the candidates' merges and scoring
     return result
+
+
+merge_with_report.__signature__ = inspect.signature(merge).replace(return_annotation="MergeResult")  # type: ignore[attr-defined]

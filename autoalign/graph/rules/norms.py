@@ -84,18 +84,27 @@ def batchnorm_module(ctx: RuleContext) -> Any:
     return lab
 
 
-@register_channel_rule(F.batch_norm)
-def batchnorm_function(ctx: RuleContext) -> Any:
-    """``F.batch_norm``: per-channel statistics and affine (never folded)."""
-    lab = ctx.label(ctx.arg(0, "input"))
+def _functional_keys(ctx: RuleContext, args: tuple[tuple[int, str], ...]) -> list[str] | None:
+    """State-dict keys of a functional norm's tensor arguments (by position and name); None when
+    one of them is a graph value that is not a parameter or buffer."""
     keys = []
-    for i, name in ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")):
+    for i, name in args:
         a = ctx.arg(i, name)
         if isinstance(a, fx.Node):
             k = ctx.param_key(a)
             if k is None:
-                return unknown(ctx, f"{ctx.describe()}: batch_norm statistics are not parameters/buffers")
+                return None
             keys.append(k)
+    return keys
+
+
+@register_channel_rule(F.batch_norm)
+def batchnorm_function(ctx: RuleContext) -> Any:
+    """``F.batch_norm``: per-channel statistics and affine (never folded)."""
+    lab = ctx.label(ctx.arg(0, "input"))
+    keys = _functional_keys(ctx, ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")))
+    if keys is None:
+        return unknown(ctx, f"{ctx.describe()}: batch_norm statistics are not parameters/buffers")
     _norm_channels(ctx, lab, 1, keys, "batch_norm (per-channel)")
     return lab
 
@@ -121,14 +130,9 @@ def layernorm_function(ctx: RuleContext) -> Any:
     """``F.layer_norm`` over the last axis: per-channel affine, permutations only."""
     lab = ctx.label(ctx.arg(0, "input"))
     shape = ctx.value(ctx.arg(1, "normalized_shape"))
-    keys = []
-    for i, name in ((2, "weight"), (3, "bias")):
-        a = ctx.arg(i, name)
-        if isinstance(a, fx.Node):
-            k = ctx.param_key(a)
-            if k is None:
-                return unknown(ctx, f"{ctx.describe()}: layer_norm affine is not a parameter")
-            keys.append(k)
+    keys = _functional_keys(ctx, ((2, "weight"), (3, "bias")))
+    if keys is None:
+        return unknown(ctx, f"{ctx.describe()}: layer_norm affine is not a parameter")
     for k in keys:
         ctx.touch(k)
     if lab is None:
@@ -163,14 +167,9 @@ def groupnorm_module(ctx: RuleContext) -> Any:
 @register_channel_rule(F.group_norm)
 def groupnorm_function(ctx: RuleContext) -> Any:
     """``F.group_norm``: see :func:`_group_norm`."""
-    keys = []
-    for i, name in ((2, "weight"), (3, "bias")):
-        a = ctx.arg(i, name)
-        if isinstance(a, fx.Node):
-            k = ctx.param_key(a)
-            if k is None:
-                return unknown(ctx)
-            keys.append(k)
+    keys = _functional_keys(ctx, ((2, "weight"), (3, "bias")))
+    if keys is None:
+        return unknown(ctx)
     return _group_norm(ctx, ctx.label(ctx.arg(0, "input")), int(ctx.value(ctx.arg(1, "num_groups"))), keys)
 
 
