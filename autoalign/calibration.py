@@ -24,6 +24,7 @@ from typing import Any, Callable, Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
+from .distributed import rank_and_world
 from .errors import AutoalignError, DataError, OptionError
 from .trace import as_input_tuple
 
@@ -160,6 +161,12 @@ class Calibration:
         Where inputs go (default: where each model's parameters are).
     progress : bool, default False
         Show a progress bar per pass.
+    shard : bool, default False
+        Under ``torch.distributed``: every process passes the same (whole) data and
+        reads only its share, the batches ``i`` with ``i % world_size == rank``
+        (after ``num_batches`` is applied to the whole), so the processes together
+        see each batch once. Without it, each process passes its own shard. A no-op
+        when not distributed.
 
     Raises
     ------
@@ -181,6 +188,7 @@ class Calibration:
     num_batches: int | None = None
     device: torch.device | None = None
     progress: bool = False
+    shard: bool = False
 
     def __post_init__(self) -> None:
         if iter(self.data) is self.data:  # type: ignore[comparison-overlap]
@@ -202,11 +210,12 @@ class Calibration:
         num_batches: int | None = None,
         device: torch.device | str | None = None,
         progress: bool = False,
+        shard: bool = False,
     ) -> "Calibration":
         """``data`` itself when it is a :class:`Calibration`, else one built from the arguments."""
         if isinstance(data, Calibration):
             return data
-        return cls(data, input_fn or default_input_fn, num_batches, None if device is None else torch.device(device), progress)
+        return cls(data, input_fn or default_input_fn, num_batches, None if device is None else torch.device(device), progress, shard)
 
     def device_for(self, model: nn.Module) -> torch.device:
         """Where ``model``'s inputs go: the calibration's device, else where its parameters are."""
@@ -231,10 +240,12 @@ class Calibration:
             except TypeError:
                 total = self.num_batches
             it = tqdm(self.data, total=total, desc=desc, unit="batch", leave=False)
+        rank, world = rank_and_world() if self.shard else (0, 1)
         for seen, batch in enumerate(it):
             if self.num_batches is not None and seen >= self.num_batches:
                 return
-            yield batch
+            if seen % world == rank:
+                yield batch
 
     def inputs_of(self, batch: Any, device: torch.device | str | None) -> tuple[Any, ...]:
         """A batch's model inputs, tensors moved to ``device`` (None: left where they are)."""

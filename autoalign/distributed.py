@@ -14,7 +14,7 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-__all__ = ["is_distributed", "all_reduce_sum", "all_reduce_count", "all_reduce_moments", "sync_batchnorm_stats"]
+__all__ = ["is_distributed", "rank_and_world", "all_reduce_sum", "all_reduce_count", "all_reduce_moments", "sync_batchnorm_stats"]
 
 
 def is_distributed() -> bool:
@@ -22,6 +22,21 @@ def is_distributed() -> bool:
     import torch.distributed as dist
 
     return bool(dist.is_available() and dist.is_initialized())
+
+
+def rank_and_world() -> tuple[int, int]:
+    """``(rank, world size)`` of this process; ``(0, 1)`` when not distributed.
+
+    Examples
+    --------
+    >>> rank_and_world()
+    (0, 1)
+    """
+    if not is_distributed():
+        return 0, 1
+    import torch.distributed as dist
+
+    return int(dist.get_rank()), int(dist.get_world_size())
 
 
 def collective_device() -> torch.device:

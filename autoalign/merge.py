@@ -59,6 +59,7 @@ def merge(
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     precision: Precision | None = None,
     rules: Mapping[Any, Callable[..., Any]] | None = None,
+    shard: bool = False,
     **aligner_options: Any,
 ) -> nn.Module:
     """Merge models of one architecture, trained from different seeds, into one.
@@ -157,6 +158,12 @@ def merge(
         float64 for float64 models, float32 otherwise. ``"float64"`` costs about
         2× the products and separates features whose correlations with their
         partners tie to within ~1e-5 (e.g. few samples for many features).
+    shard : bool, default False
+        Under ``torch.distributed``, pass the same (whole) calibration data on every
+        process and let each read its share of the batches (see
+        :class:`~autoalign.calibration.Calibration`); by default each process
+        passes its own shard. Either way the statistics are summed over processes,
+        so every process merges identically.
     rules : dict, optional
         Channel rules for this merge only, consulted before the global registry
         (``{target: rule}`` as :func:`autoalign.register_channel_rule` takes; see

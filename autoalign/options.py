@@ -35,7 +35,7 @@ class MergeOptions:
     weights : sequence of float, optional
     scheme, max_iterations, averaging, averaging_options, repair, batchnorm, features :
         See :func:`autoalign.merge`.
-    num_batches, device, input_fn, progress :
+    num_batches, device, input_fn, progress, shard :
         How calibration data is read (:class:`~autoalign.calibration.Calibration`).
     spec : MergeSpec, optional
         A precomputed spec.
@@ -78,6 +78,7 @@ class MergeOptions:
     leaf_modules: Sequence[Any] = ()
     autowrap_functions: Sequence[Callable[..., Any]] = ()
     precision: str | None = None
+    shard: bool = False
     rules: Mapping[Any, Callable[..., Any]] | None = None
 
     @classmethod
@@ -146,7 +147,8 @@ class MergeOptions:
     def calibration(self, data: Iterable[Any]) -> Calibration:
         """The calibration data read as these options say."""
         return Calibration.coerce(
-            data, input_fn=self.input_fn, num_batches=self.num_batches, device=self.device, progress=self.progress
+            data, input_fn=self.input_fn, num_batches=self.num_batches, device=self.device, progress=self.progress,
+            shard=self.shard,
         )
 
 

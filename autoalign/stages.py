@@ -26,6 +26,7 @@ from .aligners import AlignProblem, Aligner, Plan
 from .apply import average_state_dicts, folds_needed, transform_state_dict
 from .averaging import average_aligned
 from .calibration import Calibration
+from .distributed import all_reduce_sum, collective_device, is_distributed
 from .errors import MergeError
 from .graph.discover import find_merge_points
 from .options import MergeOptions
@@ -70,7 +71,9 @@ def choose_reference(models: Sequence[nn.Module], calib: Calibration, reference:
             target = target.to(calib.device) if calib.device is not None else target
             for i, m in enumerate(models):
                 losses[i] += float(F.cross_entropy(m(*inputs), target, reduction="sum"))
-    return int(min(range(len(models)), key=lambda i: losses[i]))
+    total = torch.tensor(losses, dtype=torch.float64, device=collective_device() if is_distributed() else None)
+    all_reduce_sum([total])  # under torch.distributed: every process chooses the same reference
+    return int(torch.argmin(total.cpu()))
 
 
 def discover(model: nn.Module, calib: Calibration, opts: MergeOptions) -> MergeSpec:

@@ -28,7 +28,11 @@ N_BATCHES = 4
 #: so only float64 models can be held to 1e-6; float32 ones are held to 1e-4, which still
 #: catches any statistic that is not all-reduced (that changes the merge by > 1e-2).
 CASES = [("cca", "cca", False), ("permutation", "permutation", False), ("permutation_bn", "permutation", True), ("cca_bn", "cca", True),
-         ("cca_repair", "cca", False), ("permutation_bn_repair", "permutation", True), ("cca_bn_f32", "cca", True)]
+         ("cca_repair", "cca", False), ("permutation_bn_repair", "permutation", True), ("cca_bn_f32", "cca", True),
+         ("cca_bn_repair_sharded", "cca", True), ("permutation_best_sharded", "permutation", False), ("permutation_best", "permutation", False)]
+#: Cases ending in "_sharded" pass the whole data on every process with ``shard=True`` (the
+#: calibration reads its share); "_best" ones choose the reference by calibration loss, which
+#: every process must agree on.
 
 _COMMON = textwrap.dedent(
     """
@@ -46,6 +50,18 @@ _COMMON = textwrap.dedent(
     def make_data(dtype=torch.float64):
         g = torch.Generator().manual_seed(123)
         return [torch.randn(48, 6, generator=g).to(dtype) for _ in range(N_BATCHES)]
+
+    def labelled(data, case, models):
+        # "_best" cases need (input, target) batches: even batches are labelled by model 0's
+        # predictions, odd ones by model 1's, so each process's shard alone would choose
+        # another reference
+        if "_best" not in case:
+            return data
+        with torch.no_grad():
+            return [(x, models[i % 2](x).argmax(1)) for i, x in enumerate(data)]
+
+    def options_of(case):
+        return {"repair": "repair" if "_repair" in case else "auto", "reference": "best" if "_best" in case else 0}
     """
 )
 
@@ -61,9 +77,11 @@ _WORKER = textwrap.dedent(
     dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["MASTER_PORT"], rank=rank, world_size=WORLD)
     try:
         for case, aligner, bn in CASES:
-            shard = make_data(dtype_of(case))[rank::WORLD]
+            sharded = case.endswith("_sharded")
             models = [make_model(s, bn, dtype_of(case)) for s in range(3)]
-            merged = autoalign.merge(models, shard, aligner=aligner, repair="repair" if case.endswith("_repair") else "auto")
+            batches = labelled(make_data(dtype_of(case)), case, models)
+            batches = batches if sharded else batches[rank::WORLD]
+            merged = autoalign.merge(models, batches, aligner=aligner, shard=sharded, **options_of(case))
             torch.save(merged.state_dict(), os.path.join(out_dir, f"{case}_{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -107,9 +125,9 @@ PARAMS = CASES
 
 @pytest.mark.parametrize("case, aligner, bn", PARAMS)
 def test_two_processes_merge_like_one_process_on_all_data(distributed_results, case, aligner, bn):
-    repair = "repair" if case.endswith("_repair") else "auto"
     dtype = dtype_of(case)
-    single = autoalign.merge([make_model(s, bn, dtype) for s in range(3)], make_data(dtype), aligner=aligner, repair=repair).state_dict()
+    models = [make_model(s, bn, dtype) for s in range(3)]
+    single = autoalign.merge(models, labelled(make_data(dtype), case, models), aligner=aligner, **options_of(case)).state_dict()
     tol = 1e-6 if dtype == torch.float64 else 1e-4
     for r in range(WORLD):
         got = distributed_results[(case, r)]
@@ -131,3 +149,13 @@ def test_statistics_helpers_are_no_ops_without_torch_distributed():
     acc = {"x": [5, torch.ones(2), torch.ones(2)]}
     autoalign.distributed.all_reduce_moments(acc)
     assert acc["x"][0] == 5
+
+
+def test_a_sharded_calibration_reads_its_share_of_the_limited_batches(monkeypatch):
+    import autoalign.calibration as calibration
+
+    batches = [torch.full((2, 3), float(i)) for i in range(7)]
+    monkeypatch.setattr(calibration, "rank_and_world", lambda: (1, 2))
+    mine = [int(b[0, 0]) for b in autoalign.Calibration(batches, num_batches=5, shard=True).batches()]
+    assert mine == [1, 3]  # batches 0..4 (the limit applies to the whole), every second one from 1
+    assert [int(b[0, 0]) for b in autoalign.Calibration(batches, num_batches=5).batches()] == [0, 1, 2, 3, 4]
