@@ -1,8 +1,8 @@
 """The library's vocabularies: every string option's type and its allowed values.
 
 Each vocabulary is a ``Literal`` type (for annotations and type checkers) and a
-tuple of its values (for run-time checks and messages), kept side by side so
-they cannot drift apart (a test compares them). :func:`check_choice` is the one
+tuple of its values (for run-time checks and messages) read from that type, so
+the two cannot drift apart. :func:`check_choice` is the one
 run-time check; it raises :class:`~autoalign.OptionError` naming the option.
 """
 

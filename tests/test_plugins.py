@@ -1,5 +1,6 @@
 """Third-party aligners are discovered through the ``autoalign.aligners`` entry-point group."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -73,3 +74,28 @@ def test_broken_plugin_warns_instead_of_breaking(tmp_path, monkeypatch):
         registry.reload_plugins()
     assert "broken" not in autoalign.list_aligners()
     assert "cca" in autoalign.list_aligners()
+
+
+@pytest.mark.parametrize(
+    "attrs, words",
+    [
+        ({"needs": "refrence"}, "needs='refrence'"),
+        ({"self_moments": "half"}, "self_moments='half'"),
+        ({"name": ""}, "has no name"),
+    ],
+)
+def test_register_aligner_checks_what_it_is_given(attrs, words):
+    base = {"name": "checked-example", "solve": lambda self, problem: autoalign.Plan()}
+    cls = type("Checked", (autoalign.Aligner,), {**base, **attrs})
+    with autoalign.testing.isolated_registries():
+        with pytest.raises(autoalign.OptionError, match=re.escape(words)):
+            autoalign.register_aligner(cls)
+        assert "checked-example" not in autoalign.list_aligners()
+
+
+def test_register_aligner_needs_a_solve_and_an_aligner_class():
+    with autoalign.testing.isolated_registries():
+        with pytest.raises(autoalign.OptionError, match="does not implement solve"):
+            autoalign.register_aligner(type("NoSolve", (autoalign.Aligner,), {"name": "no-solve-example"}))
+        with pytest.raises(autoalign.OptionError, match="expects an Aligner subclass"):
+            autoalign.register_aligner(object)
