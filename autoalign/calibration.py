@@ -212,8 +212,23 @@ class Calibration:
         progress: bool = False,
         shard: bool = False,
     ) -> "Calibration":
-        """``data`` itself when it is a :class:`Calibration`, else one built from the arguments."""
+        """``data`` itself when it is a :class:`Calibration`, else one built from the arguments.
+
+        Raises
+        ------
+        OptionError
+            When ``data`` is a :class:`Calibration` and an argument asks for something
+            else than it holds (say it once, in the Calibration).
+        """
         if isinstance(data, Calibration):
+            given = {"input_fn": input_fn, "num_batches": num_batches, "device": None if device is None else torch.device(device),
+                     "progress": progress or None, "shard": shard or None}
+            clash = [k for k, v in given.items() if v is not None and v != getattr(data, k)]
+            if clash:
+                raise OptionError(
+                    f"data is a Calibration, which sets {', '.join(clash)} itself; pass "
+                    f"{', '.join(f'{k}=' for k in clash)} to the Calibration, not here"
+                )
             return data
         return cls(data, input_fn or default_input_fn, num_batches, None if device is None else torch.device(device), progress, shard)
 

@@ -267,7 +267,7 @@ def _merge_selected(
     kind = ""
     for label, al, al_opts in candidates:
         try:
-            res = run(models, fit, opts.replace(aligner=al, aligner_options=al_opts))
+            res = run(models, fit, opts.replace(aligner=al, aligner_options=al_opts, num_batches=None))
         except AutoalignError as exc:
             losses[label], errors[label] = float("inf"), f"{type(exc).__name__}: {exc}"
             continue

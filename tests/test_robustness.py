@@ -358,3 +358,12 @@ def test_merge_is_bitwise_deterministic(aligner):
     b = autoalign.merge(models, data, aligner=aligner).state_dict()
     for k in a:
         assert torch.equal(a[k], b[k]), (aligner, k)
+
+
+def test_a_calibration_and_a_clashing_option_are_refused():
+    nets = [torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2)) for _ in range(2)]
+    calib = autoalign.Calibration([torch.randn(8, 4) for _ in range(3)], num_batches=2)
+    with pytest.raises(OptionError, match="sets num_batches itself"):
+        autoalign.merge(nets, calib, aligner="permutation", num_batches=3)
+    merged = autoalign.merge_with_report(nets, calib, aligner="permutation", num_batches=2)  # the same: fine
+    assert merged.stats.batches == 2
