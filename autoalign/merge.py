@@ -226,7 +226,7 @@ def run(models: Sequence[nn.Module], data: Iterable[Any] | Calibration, opts: Me
     """The pipeline behind :func:`merge_with_report`, for callers that hold a
     :class:`~autoalign.options.MergeOptions` (the command line)."""
     validate_models(models, device=opts.device)
-    validate_options(len(models), weights=opts.weights, num_batches=opts.num_batches)
+    validate_options(len(models), weights=opts.weights)  # num_batches: checked by the Calibration
     opts.check(len(models))
     calib = opts.calibration(data)
     w = opts.merge_weights(len(models))
