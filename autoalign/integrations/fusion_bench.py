@@ -68,7 +68,7 @@ class EnsembleModel(nn.Module):
 
 
 def report_dict(report: MergeReport, opts: MergeOptions) -> dict[str, Any]:
-    """A merge report as JSON-ready data: the choices, per-point rows, table and timings.
+    """A merge report as JSON-ready data: the choices, per-point outcomes, table and timings.
 
     Parameters
     ----------
@@ -80,8 +80,11 @@ def report_dict(report: MergeReport, opts: MergeOptions) -> dict[str, Any]:
     -------
     dict
     """
-    options = {k: v for k, v in vars(opts).items() if isinstance(v, (str, int, float, bool, type(None), list, tuple, dict))}
-    options = {k: (list(v) if isinstance(v, tuple) else v) for k, v in options.items()}
+    keys = ("aligner", "aligner_options", "reference", "weights", "scheme", "max_iterations", "averaging",
+            "averaging_options", "repair", "batchnorm", "features", "precision", "num_batches", "device")
+    options = {k: getattr(opts, k) for k in keys}
+    options = {k: (list(v) if isinstance(v, tuple) else v if v is None or isinstance(v, (str, int, float, bool, list, dict)) else str(v))
+               for k, v in options.items()}
     sel = report.selection
     return {
         "aligner": report.aligner,
@@ -94,11 +97,12 @@ def report_dict(report: MergeReport, opts: MergeOptions) -> dict[str, Any]:
         "folded_batchnorms": report.folded_batchnorms,
         "repair_notes": dict(report.repair_notes),
         "timings": {k: round(float(v), 6) for k, v in report.timings.items()},
-        "points": [
-            {"name": p.name, "dim": p.dim, "allowed": p.allowed, "used": p.used, "projected": p.projected,
-             "score": p.score, "seconds": round(p.seconds, 6), "note": p.note}
+        # by name (FusionBench's console printer cannot show an empty list)
+        "points": {
+            p.name: {"dim": p.dim, "allowed": p.allowed, "used": p.used, "projected": p.projected,
+                     "score": p.score, "seconds": round(p.seconds, 6), "note": p.note}
             for p in report.points
-        ],
+        },
         "table": report.table(),
         "selection": None if sel is None else str(sel),
         "options": options,
@@ -144,7 +148,7 @@ class AutoAlignAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
     >>> data = torch.utils.data.TensorDataset(torch.randn(32, 4), torch.zeros(32, dtype=torch.long))
     >>> pool = BaseModelPool(nets, train_datasets={"calib": data})
     >>> out = AutoAlignAlgorithm(aligner="cca", batch_size=16, evaluate_inputs=False).run(pool)
-    >>> sorted(out), [p["name"] for p in out["autoalign"]["points"]]
+    >>> sorted(out), list(out["autoalign"]["points"])
     (['autoalign', 'merged'], ['0'])
     """
 
@@ -195,10 +199,13 @@ class AutoAlignAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
             num_batches=self.num_batches, device=self.device,
         )
         opts.check(n_models=max(2, 1 + (opts.reference if isinstance(opts.reference, int) and not isinstance(opts.reference, bool) else 0)))
-        from ..aligners import list_aligners
+        from ..aligners import get_aligner, list_aligners
 
-        if isinstance(opts.aligner, str) and opts.aligner != "auto" and opts.aligner not in list_aligners():
-            raise OptionError(f"aligner must be one of {tuple(list_aligners()) + ('auto',)}, got {opts.aligner!r}")
+        if isinstance(opts.aligner, str) and opts.aligner != "auto":
+            if opts.aligner not in list_aligners():
+                raise OptionError(f"aligner must be one of {tuple(list_aligners()) + ('auto',)}, got {opts.aligner!r}")
+            if not any(v == "auto" for v in opts.aligner_options.values()):  # "auto" values are searched at run time
+                get_aligner(opts.aligner, **opts.aligner_options)  # unknown or bad aligner options fail here
         return opts
 
     def calibration_loader(self, modelpool: BaseModelPool) -> torch.utils.data.DataLoader:
@@ -236,7 +243,7 @@ class AutoAlignAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
         with self.profile("merge"), torch.enable_grad():
             result = merge_run(models, loader, self.merge_options)
         self.last_report = report_dict(result.report, self.merge_options)
-        self.last_report["models"] = names
+        self.last_report["model_names"] = names
         out: dict[str, Any] = {"merged": result.model.eval()}
         if self.evaluate_inputs:
             out.update({f"model/{n}": m for n, m in zip(names, models)})
