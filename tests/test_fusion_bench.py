@@ -148,3 +148,33 @@ def test_import_autoalign_does_not_import_fusion_bench_and_the_plug_in_is_light(
     subprocess.run([sys.executable, "-c", code], check=True, env=ENV)
     light = "import sys, hydra_plugins.autoalign_fusion_bench as p; assert p.config_folder(); assert 'torch' not in sys.modules and 'autoalign' not in sys.modules"
     subprocess.run([sys.executable, "-c", light], check=True, env=ENV)
+
+
+def test_cli_torchvision_checkpoints_and_image_folder(tmp_path):
+    """The example torchvision pool and image-folder task pool, wired end to end (untrained
+    resnet18s from two seeds on a tiny generated image folder: the accuracy means nothing)."""
+    import numpy as np
+    import torchvision
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        for c in range(2):
+            (tmp_path / split / f"class{c}").mkdir(parents=True)
+            for i in range(4):
+                Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(tmp_path / split / f"class{c}" / f"{i}.png")
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / f"seed{seed}.pt")
+    report = tmp_path / "report.json"
+    proc = _fusion_bench([
+        "method=autoalign/permutation", "modelpool=autoalign/torchvision_checkpoints", "taskpool=autoalign/image_folder_accuracy",
+        *(f"modelpool.models.seed{s}.{k}" for s in (0, 1) for k in (f"path={tmp_path / f'seed{s}.pt'}", "num_classes=2")),
+        f"modelpool.train_datasets.calibration.root={tmp_path / 'train'}", "modelpool.train_datasets.calibration.image_size=32",
+        f"taskpool.test_dataset.root={tmp_path / 'val'}", "taskpool.test_dataset.image_size=32", "method.batch_size=4",
+        f"report_save_path={report}",
+    ], tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads(report.read_text())
+    assert data["merged"]["num_samples"] == 8 and 0.0 <= data["merged"]["accuracy"] <= 1.0
+    assert "layer4.1.conv1" in data["autoalign"]["points"] and data["autoalign"]["options"]["aligner"] == "permutation"
