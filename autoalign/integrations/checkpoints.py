@@ -34,6 +34,15 @@ def _dotted_callable(arch: str) -> Callable[..., Any] | None:
     return obj
 
 
+def _plain(value: Any) -> Any:
+    """A Hydra ``ListConfig``/``DictConfig`` (constructor kwargs from a config) as a list or dict."""
+    if type(value).__name__ in ("ListConfig", "DictConfig"):
+        from omegaconf import OmegaConf
+
+        return OmegaConf.to_container(value, resolve=True)
+    return value
+
+
 def build_arch(arch: str, **kwargs: Any) -> nn.Module:
     """An untrained model from an architecture name.
 
@@ -133,7 +142,7 @@ def load_checkpoint_model(arch: str, path: str | None = None, trust: bool = Fals
     >>> bool(torch.equal(again.weight, net.weight))
     True
     """
-    model = build_arch(arch, **kwargs)
+    model = build_arch(arch, **{k: _plain(v) for k, v in kwargs.items()})
     if path is not None:
         try:
             sd, _ = load_checkpoint(str(path), trust=trust)
