@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test test-zoo test-all test-install install docs clean
+.PHONY: demo test test-zoo test-all test-install test-fusion-bench install docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -43,7 +43,7 @@ test-all: $(STAMP)
 test-install:
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
 	echo "test-install: fresh virtual environment in $$tmp"; \
-	mkdir "$$tmp/src"; cp -R pyproject.toml README.md autoalign "$$tmp/src/"; \
+	mkdir "$$tmp/src"; cp -R pyproject.toml README.md autoalign hydra_plugins "$$tmp/src/"; \
 	$(PYTHON) -m venv "$$tmp/venv"; \
 	"$$tmp/venv/bin/python" -m pip install --quiet -c constraints.txt "$$tmp/src"; \
 	cd "$$tmp"; \
@@ -51,5 +51,21 @@ test-install:
 	test -s "$$tmp/demo_out/demo_digits.md"; \
 	echo "test-install: ok"
 
+# autoalign as a FusionBench method: its own virtual environment (FusionBench adds ~1 GB:
+# transformers, datasets, lightning, ...), the `fusion-bench` extra, then its tests, offline
+FB_VENV ?= .venv-fb
+FB_PY := $(FB_VENV)/bin/python
+FB_STAMP := $(FB_VENV)/.installed
+
+$(FB_STAMP): pyproject.toml constraints.txt
+	test -x $(FB_PY) || $(PYTHON) -m venv $(FB_VENV)
+	$(FB_PY) -m pip install --quiet --upgrade pip
+	$(FB_PY) -m pip install --quiet -c constraints.txt torch torchvision
+	$(FB_PY) -m pip install --quiet -c constraints.txt -e ".[dev,fusion-bench]"
+	touch $(FB_STAMP)
+
+test-fusion-bench: $(FB_STAMP)
+	HF_HUB_OFFLINE=1 $(FB_PY) -m pytest -q tests/test_fusion_bench.py tests/test_docstrings.py -k "fusion_bench or integrations"
+
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(FB_VENV) build *.egg-info

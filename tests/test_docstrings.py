@@ -77,10 +77,17 @@ def _library_modules() -> list[str]:
     return sorted(m.name for m in pkgutil.walk_packages(autoalign.__path__, "autoalign."))
 
 
+#: Modules that import an optional dependency (an extra), and the dependency.
+OPTIONAL_DEPENDENCIES: dict[str, str] = {"autoalign.integrations.fusion_bench": "fusion_bench"}
+
+
 @pytest.mark.parametrize("module", _library_modules())
 def test_every_module_s_doctests_run(module, restore_registries):
     """Every example in the library's docstrings runs (not only the public objects')."""
     import importlib
+
+    if module in OPTIONAL_DEPENDENCIES:
+        pytest.importorskip(OPTIONAL_DEPENDENCIES[module])
 
     mod = importlib.import_module(module)
     runner = doctest.DocTestRunner(optionflags=_FLAGS)
