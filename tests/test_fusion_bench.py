@@ -151,21 +151,38 @@ def test_import_autoalign_does_not_import_fusion_bench_and_the_plug_in_is_light(
 
 
 def test_cli_torchvision_checkpoints_and_image_folder(tmp_path):
-    """The example torchvision pool and image-folder task pool, wired end to end (untrained
-    resnet18s from two seeds on a tiny generated image folder: the accuracy means nothing)."""
+    """The example torchvision pool and image-folder task pool end to end: two resnet18s trained
+    from seeds 0 and 1 on a small generated image folder whose classes differ in colour, merged
+    by the ``fusion_bench`` command, with every model's accuracy and autoalign's report."""
     import numpy as np
     import torchvision
     from PIL import Image
 
+    from autoalign.integrations.datasets import image_folder
+
     rng = np.random.default_rng(0)
-    for split in ("train", "val"):
+    for split, count in (("train", 24), ("val", 8)):
         for c in range(2):
             (tmp_path / split / f"class{c}").mkdir(parents=True)
-            for i in range(4):
-                Image.fromarray((rng.random((32, 32, 3)) * 255).astype("uint8")).save(tmp_path / split / f"class{c}" / f"{i}.png")
+            for i in range(count):
+                img = rng.random((32, 32, 3)) * 0.6
+                img[..., 0 if c == 0 else 2] += 0.4  # class 0 reddish, class 1 bluish
+                Image.fromarray((img * 255).astype("uint8")).save(tmp_path / split / f"class{c}" / f"{i}.png")
+    train = image_folder(str(tmp_path / "train"), image_size=32)
     for seed in (0, 1):
         torch.manual_seed(seed)
-        torch.save(torchvision.models.resnet18(num_classes=2).state_dict(), tmp_path / f"seed{seed}.pt")
+        net = torchvision.models.resnet18(num_classes=2)
+        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+        loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        net.train()
+        for _ in range(8):
+            for x, y in loader:
+                loss = torch.nn.functional.cross_entropy(net(x), y)
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        autoalign.reset_bn(net, loader)  # BatchNorm statistics of the trained weights (few steps: not yet settled)
+        torch.save(net.state_dict(), tmp_path / f"seed{seed}.pt")
     report = tmp_path / "report.json"
     proc = _fusion_bench([
         "method=autoalign/permutation", "modelpool=autoalign/torchvision_checkpoints", "taskpool=autoalign/image_folder_accuracy",
@@ -176,5 +193,7 @@ def test_cli_torchvision_checkpoints_and_image_folder(tmp_path):
     ], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(report.read_text())
-    assert data["merged"]["num_samples"] == 8 and 0.0 <= data["merged"]["accuracy"] <= 1.0
+    assert data["merged"]["num_samples"] == 16 and 0.0 <= data["merged"]["accuracy"] <= 1.0
+    assert min(data["model/seed0"]["accuracy"], data["model/seed1"]["accuracy"]) >= 0.9, data  # trained
+    assert data["ensemble"]["accuracy"] >= 0.9, data
     assert "layer4.1.conv1" in data["autoalign"]["points"] and data["autoalign"]["options"]["aligner"] == "permutation"
