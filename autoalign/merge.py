@@ -30,7 +30,7 @@ from .schemes import SCHEME_FUNCTIONS
 from .select import Selection, heldout_loss, selection_candidates, split_batches
 from .spec import MergeSpec
 from .stages import choose_reference, discover
-from .validate import validate_models, validate_options
+from .validate import validate_models
 from .vocab import Averaging, BatchNormMode, Features, Precision, Repair, Scheme
 
 __all__ = ["merge", "merge_with_report", "MergeResult", "MergeReport", "PointReport", "MergeOptions"]
@@ -226,7 +226,6 @@ def run(models: Sequence[nn.Module], data: Iterable[Any] | Calibration, opts: Me
     """The pipeline behind :func:`merge_with_report`, for callers that hold a
     :class:`~autoalign.options.MergeOptions` (the command line)."""
     validate_models(models, device=opts.device)
-    validate_options(len(models), weights=opts.weights)  # num_batches: checked by the Calibration
     opts.check(len(models))
     calib = opts.calibration(data)
     w = opts.merge_weights(len(models))

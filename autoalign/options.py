@@ -15,7 +15,8 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 
 from .calibration import Calibration
-from .errors import MergeError, OptionError
+from .errors import OptionError
+from .validate import validate_options
 from .vocab import AVERAGINGS, BATCHNORMS, FEATURES, REPAIRS, SCHEMES, check_choice, product_dtype_for
 
 __all__ = ["MergeOptions", "MERGE_ARGUMENTS"]
@@ -112,6 +113,7 @@ class MergeOptions:
         n_models : int
             The number of models to merge (for ``weights`` and ``reference``).
         """
+        validate_options(n_models, weights=self.weights)
         check_choice("repair", self.repair, REPAIRS, allow_none=True)
         check_choice("scheme", self.scheme, SCHEMES)
         check_choice("batchnorm", self.batchnorm, BATCHNORMS)
@@ -134,14 +136,11 @@ class MergeOptions:
             raise OptionError(f"reference must be an index in [0, {n_models}), got {self.reference!r}")
 
     def merge_weights(self, n_models: int) -> torch.Tensor:
-        """The merge weights as a float64 tensor of shape ``(N,)`` summing to one."""
+        """The merge weights as a float64 tensor of shape ``(N,)`` summing to one (after
+        :meth:`check`, which rejects weights of the wrong length, negative or summing to zero)."""
         if self.weights is None:
             return torch.full((n_models,), 1.0 / n_models, dtype=torch.float64)
         w = torch.as_tensor(list(self.weights), dtype=torch.float64)
-        if w.shape != (n_models,):
-            raise MergeError(f"weights has {w.numel()} entries for {n_models} models")
-        if bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise MergeError(f"weights must be non-negative with a positive sum, got {w.tolist()}")
         return w / w.sum()
 
     def calibration(self, data: Iterable[Any]) -> Calibration:
