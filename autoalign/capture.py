@@ -108,10 +108,14 @@ def tapped_module(
     example_inputs: Any,
     node_names: Sequence[str],
     observe: Observer,
+    *,
+    modules: Sequence[str] = (),
+    observe_module: Observer | None = None,
     **trace_options: Any,
 ) -> fx.GraphModule:
     """A traced copy of ``model`` that calls ``observe(name, value)`` right after each named node
-    runs and computes nothing past the last of them.
+    runs (and ``observe_module(module_name, output)`` after each call of a named submodule)
+    and computes nothing past the last of them.
 
     Parameters
     ----------
@@ -123,6 +127,11 @@ def tapped_module(
         Graph nodes to tap (as named by :func:`autoalign.trace`).
     observe : callable
         ``observe(node_name, value)``.
+    modules : sequence of str, optional
+        Submodules whose outputs are tapped too (every call; a module that is not in
+        the graph, e.g. inside a leaf module, is never observed).
+    observe_module : callable, optional
+        ``observe_module(module_name, output)``; required with ``modules``.
     **trace_options
         ``leaf_modules`` / ``autowrap_functions`` of :func:`autoalign.trace`.
 
@@ -147,7 +156,12 @@ def tapped_module(
     """
     gm = trace(model, example_inputs, shapes=False, **trace_options)  # no shapes needed: skip a forward pass
     nodes = _nodes_of(gm, node_names)
-    return insert_taps(gm, [(nodes[name], observe, None) for name in node_names])
+    taps: list[tuple[fx.Node, Observer | None, Callable[[str, Any], Any] | None]] = [(nodes[name], observe, None) for name in node_names]
+    if modules and observe_module is None:
+        raise MergeError("tapped_module: modules given without observe_module")
+    for module in modules:
+        taps.extend((node, lambda _n, v, module=module: observe_module(module, v), None) for node in module_nodes(gm, module))
+    return insert_taps(gm, taps)
 
 
 def module_tapped(

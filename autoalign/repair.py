@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from .errors import MergeError
-from .repair_sites import repair_sites, site_maps
+from .repair_sites import permutation_index, repair_sites, site_maps
 from .calibration import Calibration
 from .capture import module_tapped
 from .distributed import all_reduce_moments, sync_batchnorm_stats
@@ -142,7 +142,7 @@ def _channel_moments(
         pm = (maps or {}).get(name) if where == "output" else None
         if pm is None:
             fn = lambda y, name=name, axis=axis: _accumulate(acc, name, _per_channel(y, axis))  # noqa: E731
-        elif (perm := _permutation_index(pm)) is not None:  # a gather, not a (C, C) product
+        elif (perm := permutation_index(pm)) is not None:  # a gather, not a (C, C) product
             fn = lambda y, name=name, axis=axis, perm=perm: _accumulate(acc, name, _per_channel(y, axis)[:, perm.to(y.device)])  # noqa: E731
         else:
             pt = pm.detach().to(torch.float64).T
@@ -232,18 +232,6 @@ def restore_batchnorm(
             mod.bias.copy_((mod.bias.to(torch.float64) + mean.to(mod.bias.device)).to(mod.bias.dtype))
             done.append(name)
     return done
-
-
-def _permutation_index(p: torch.Tensor) -> torch.Tensor | None:
-    """``perm`` with ``p = eye[perm]`` when ``p`` is a permutation matrix, else ``None``."""
-    if p.dim() != 2 or p.shape[0] != p.shape[1]:
-        return None
-    perm = p.argmax(1)
-    if not bool((p == 0).logical_or(p == 1).all()) or not torch.equal(p.sum(1), torch.ones_like(p[:, 0])):
-        return None
-    if not torch.equal(torch.sort(perm).values, torch.arange(p.shape[0], device=p.device)):
-        return None
-    return perm.cpu()
 
 
 def channel_axis(module: nn.Module) -> int:

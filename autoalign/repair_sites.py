@@ -15,8 +15,9 @@ from torch import nn
 
 if TYPE_CHECKING:
     from .spec import MergeSpec
+    from .stats import PointStats
 
-__all__ = ["PRODUCER_TYPES", "repair_sites", "site_maps"]
+__all__ = ["PRODUCER_TYPES", "repair_sites", "site_maps", "site_points", "mapped_moments", "permutation_index"]
 
 #: Module types whose output channels REPAIR corrects by rescaling weight and bias.
 PRODUCER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -114,12 +115,39 @@ def site_maps(
     >>> mapped, rest, torch.equal(maps[1]["0"], p), maps[0]
     (['0'], [], True, {})
     """
+    points, rest = site_points(spec, names)
+    maps: list[dict[str, torch.Tensor]] = [{} for _ in transforms]
+    for name, pname in points.items():
+        for m, tr in enumerate(transforms):
+            if pname in tr:
+                maps[m][name] = tr[pname][0]
+    return maps, list(points), rest
+
+
+def site_points(spec: "MergeSpec", names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """The sites whose output channels are exactly one merge point's coordinates, in order.
+
+    Returns
+    -------
+    points : dict of str to str
+        Site (module name) → the merge point it is, in the order of ``names``.
+    rest : list of str
+        The other sites.
+
+    Examples
+    --------
+    >>> import torch, autoalign
+    >>> from autoalign.repair_sites import site_points
+    >>> net = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.ReLU(), torch.nn.Linear(3, 2))
+    >>> site_points(autoalign.find_merge_points(net, torch.randn(2, 4)), ["0", "2"])
+    ({'0': '0', '2': '2'}, [])
+    """
     by_tensor: dict[str, list[Any]] = {}
     for ax in spec.axes:
         if ax.axis == 0 and ax.role in ("output", "channel", "folded"):
             by_tensor.setdefault(ax.tensor, []).append(ax)
-    maps: list[dict[str, torch.Tensor]] = [{} for _ in transforms]
-    mapped, rest = [], []
+    points: dict[str, str] = {}
+    rest = []
     for name in names:
         axes = [ax for key in (f"{name}.weight", f"{name}.bias", f"{name}.running_mean")
                 for ax in by_tensor.get(spec.aliases.get(key, key), [])]
@@ -136,11 +164,81 @@ def site_maps(
             point = pts[0]
         else:
             if point is not None:
-                pname = spec.points[point].name
-                for m, tr in enumerate(transforms):
-                    if pname in tr:
-                        maps[m][name] = tr[pname][0]
-                mapped.append(name)
+                points[name] = spec.points[point].name
                 continue
         rest.append(name)
-    return maps, mapped, rest
+    return points, rest
+
+
+def mapped_moments(ps: "PointStats", maps: Sequence[torch.Tensor | None], weights: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """REPAIR's target at a mapped site from each model's moments of its output there.
+
+    Model ``m``'s output in merged coordinates is ``P_m y``: its mean is ``P_m μ_m`` and
+    its variances ``diag(P_m C_m P_mᵀ)``. The target is ``(Σ_m w_m P_m μ_m, Σ_m w_m σ_m)``
+    (as :func:`autoalign.repair.output_channel_stats` measures it with ``maps``).
+
+    Parameters
+    ----------
+    ps : PointStats
+        The site's moments, per model (full covariances, or variances only).
+    maps : sequence of Tensor (C, C) or None
+        Per model, the site's merge matrix ``P_m`` (None: identity).
+    weights : sequence of float
+        Per-model weights (normalised here).
+
+    Returns
+    -------
+    (Tensor (C,), Tensor (C,)) or None
+        Mean and std (float64); None when a dense map meets variances only.
+
+    Examples
+    --------
+    >>> import torch
+    >>> from autoalign.stats import PointStats
+    >>> y = torch.tensor([[1.0, 0.0], [3.0, 4.0]], dtype=torch.float64)
+    >>> ps = PointStats(2, [y.sum(0), y.sum(0)], [y.T @ y, y.T @ y])
+    >>> swap = torch.tensor([[0.0, 1.0], [1.0, 0.0]], dtype=torch.float64)
+    >>> mean, std = mapped_moments(ps, [None, swap], [1.0, 1.0])
+    >>> mean.tolist(), std.tolist()
+    ([2.0, 2.0], [1.5, 1.5])
+    """
+    total = float(sum(weights))
+    mean = std = None
+    for m, (wm, pm) in enumerate(zip(weights, maps)):
+        mu = ps.mean(m)
+        perm = None if pm is None else permutation_index(pm)
+        if pm is None or perm is not None:
+            var = ps.var(m)
+            if perm is not None:
+                mu, var = mu[perm.to(mu.device)], var[perm.to(var.device)]
+        elif ps.squares[m].dim() == 2:
+            p64 = pm.detach().to(device=mu.device, dtype=torch.float64)
+            mu, var = p64 @ mu, ((p64 @ ps.cov(m)) * p64).sum(1)
+        else:
+            return None
+        s = torch.sqrt(torch.clamp(var, min=0.0))
+        w = float(wm) / total
+        mean = w * mu if mean is None else mean + w * mu
+        std = w * s if std is None else std + w * s
+    if mean is None or std is None:
+        return None
+    return mean, std
+
+
+def permutation_index(p: torch.Tensor) -> torch.Tensor | None:
+    """``perm`` with ``p = eye[perm]`` when ``p`` is a permutation matrix, else ``None``.
+
+    Examples
+    --------
+    >>> import torch
+    >>> permutation_index(torch.eye(3)[[2, 0, 1]]).tolist(), permutation_index(2 * torch.eye(2))
+    ([2, 0, 1], None)
+    """
+    if p.dim() != 2 or p.shape[0] != p.shape[1]:
+        return None
+    perm = p.argmax(1)
+    if not bool((p == 0).logical_or(p == 1).all()) or not torch.equal(p.sum(1), torch.ones_like(p[:, 0])):
+        return None
+    if not torch.equal(torch.sort(perm).values, torch.arange(p.shape[0], device=p.device)):
+        return None
+    return perm.cpu()

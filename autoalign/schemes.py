@@ -86,7 +86,7 @@ def merge_iterative(
             # the consensus model is repaired like the final one, so its features are not shrunk
             mode = repair_mode_for(current, opts.repair)
             if mode in ("reset_bn", "repair"):
-                repair(current, mode, work, applied, spec, plan, w, calib, opts.trace_options)
+                repair(current, mode, work, applied, spec, plan, w, calib, opts.trace_options, stats)
             stats = collect(list(work) + [current], calib, spec, al, n, opts)
         with timings.stage("solve"):
             full = solve(al, spec, sds + state_dicts([current]), n, w_ext, stats, buffers)
@@ -160,7 +160,7 @@ def _finish(
     out.load_state_dict(applied.merged)
     with timings.stage("repair"):
         mode = repair_mode_for(out, opts.repair)
-        targets, report.repair_notes = repair(out, mode, work, applied, spec, plan, w, calib, opts.trace_options)
+        targets, report.repair_notes = repair(out, mode, work, applied, spec, plan, w, calib, opts.trace_options, stats)
     report.repair = mode
     report.timings = timings
     out.train(work[reference].training)

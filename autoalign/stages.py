@@ -40,6 +40,7 @@ from .repair import (
     set_batchnorm_affine,
     site_maps,
 )
+from .repair_sites import mapped_moments, site_points
 from .spec import FoldedNorm, MergeSpec
 from .stats import Stats, collect_stats
 from .trace import eval_mode
@@ -88,13 +89,36 @@ def discover(model: nn.Module, calib: Calibration, opts: MergeOptions) -> MergeS
 
 
 def collect(models: Sequence[nn.Module], calib: Calibration, spec: MergeSpec, al: Aligner, reference: int, opts: MergeOptions) -> Stats | None:
-    """The feature statistics the aligner needs (None for a data-free aligner)."""
+    """The feature statistics the aligner needs (None for a data-free aligner), with the moments
+    of the sites the repair stage will read (:func:`repair_measures`) taken in the same pass."""
     if al.needs == "none":
         return None
     return collect_stats(
         models, calib, spec, needs=al.needs, reference=reference, self_moments=al.self_moments,
-        precision=opts.precision, trace_options=opts.trace_options,
+        precision=opts.precision, trace_options=opts.trace_options, modules=repair_measures(models[0], spec, al, opts),
     )
+
+
+def repair_measures(model: nn.Module, spec: MergeSpec, al: Aligner, opts: MergeOptions) -> dict[str, str]:
+    """The repair sites whose targets the statistics pass can measure, and how: ``"full"``
+    moments where a dense merge matrix may map them, ``"diagonal"`` where only permutations can.
+
+    ``"repair"`` reads every producer and BatchNorm site, ``"reset_bn"`` the folded BatchNorms
+    (none when the aligner gives permutations, which fold nothing); only sites that are one
+    merge point's coordinates (:func:`~autoalign.repair_sites.site_points`) qualify. With no
+    repair, nothing is measured from the input models."""
+    mode = repair_mode_for(model, opts.repair)
+    dense = getattr(al, "kind", "linear") != "permutation"  # an aligner that does not say may give dense maps
+    if mode == "repair":
+        producers, bns = repair_sites(model, spec)
+        names = producers + bns
+    elif mode == "reset_bn" and opts.batchnorm == "fold" and dense:
+        names = sorted({f.running_mean.rsplit(".", 1)[0] for f in spec.folds if f.weight and f.bias})
+    else:
+        return {}
+    points, _ = site_points(spec, names)
+    kinds = {name: spec.point(pname).kind for name, pname in points.items()}
+    return {name: "full" if dense and kind != "permutation" else "diagonal" for name, kind in kinds.items() if kind != "frozen"}
 
 
 def state_dicts(models: Sequence[nn.Module]) -> StateDicts:
@@ -171,9 +195,13 @@ def repair(
     w: torch.Tensor,
     calib: Calibration,
     trace_options: dict[str, Any] | None = None,
+    stats: Stats | None = None,
 ) -> tuple[dict[str, tuple[torch.Tensor, torch.Tensor]] | None, dict[str, str]]:
     """Repair ``out`` in place: ``mode`` ``"reset_bn"`` or ``"repair"``; with no repair,
-    folded BatchNorms get their statistics and scale back. Returns (targets, notes)."""
+    folded BatchNorms get their statistics and scale back. Returns (targets, notes).
+
+    Targets come from ``stats.modules`` (the statistics pass) where it measured a site,
+    else from a pass of the input models."""
     topts = trace_options or {}
     if mode not in ("reset_bn", "repair"):
         if applied.folds:
@@ -186,7 +214,7 @@ def repair(
         names = producers + bns
     else:
         names = applied.folded_names
-    targets = _repair_targets(models, applied, spec, plan, w, calib, names, topts)
+    targets = _repair_targets(models, applied, spec, plan, w, calib, names, topts, stats)
     if mode == "repair":
         return targets, repair_producers(out, targets, calib, trace_options=topts)
     # a folded BatchNorm has no learned scale left: it gets the aligned models' output
@@ -199,15 +227,23 @@ def repair(
 
 def _repair_targets(
     models: Sequence[nn.Module], applied: Applied, spec: MergeSpec, plan: Plan, w: torch.Tensor, calib: Calibration,
-    names: list[str], trace_options: dict[str, Any],
+    names: list[str], trace_options: dict[str, Any], stats: Stats | None = None,
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """REPAIR's targets: the per-channel statistics each model's own output has at a site, in
     merged coordinates (layerwise: an aligned model run end to end drifts under dense maps);
-    sites that are not exactly one point's coordinates use the aligned models."""
+    sites that are not exactly one point's coordinates use the aligned models. Moments the
+    statistics pass took (``stats.modules``) are used as they are; only the rest needs a pass."""
     maps, mapped, rest = site_maps(spec, names, [plan.transforms_for(m) for m in range(len(models))])
     targets: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    measured = stats.modules if stats is not None else {}
+    for name in list(mapped):
+        if name in measured:
+            found = mapped_moments(measured[name], [maps[m].get(name) for m in range(len(models))], w.tolist())
+            if found is not None:
+                targets[name] = found
+                mapped.remove(name)
     if mapped:
-        targets = output_channel_stats(models, mapped, calib, weights=w.tolist(), maps=maps, trace_options=trace_options)
+        targets.update(output_channel_stats(models, mapped, calib, weights=w.tolist(), maps=maps, trace_options=trace_options))
     if rest:
         aligned = []
         for m, model in enumerate(models):

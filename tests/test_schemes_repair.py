@@ -214,3 +214,38 @@ def test_iterative_plans_are_in_the_reference_frame(aligner: str) -> None:
             torch.testing.assert_close(pp.unmerges[m] @ pp.merges[m], eye, atol=1e-6, rtol=1e-6)
         if aligner == "permutation":
             assert all(bool(((m == 0) | (m == 1)).all()) for m in pp.merges)
+
+
+def test_repair_targets_come_from_the_statistics_pass():
+    """The moments ``collect_stats(modules=...)`` takes of a site give the same REPAIR target as
+    a pass of the models with the site's (dense or permutation) merge matrix applied per batch."""
+    from autoalign.repair_sites import mapped_moments
+
+    nets = [bnnet(s) for s in range(3)]
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(8, 3, 6, 6, generator=g) for _ in range(3)]
+    spec = autoalign.find_merge_points(nets[0], data[0])
+    stats = autoalign.collect_stats(nets, data, spec, modules={"b1": "full", "b2": "diagonal", "fc1": "full"})
+    assert sorted(stats.modules) == ["b1", "b2", "fc1"] and stats.modules["b2"].squares[0].shape == (8,)
+    dense = [None, torch.randn(8, 8, generator=g, dtype=torch.float64), torch.randn(8, 8, generator=g, dtype=torch.float64)]
+    perm = [None, torch.eye(8, dtype=torch.float64)[torch.randperm(8, generator=g)], None]
+    for name, maps in (("b1", dense), ("b2", perm), ("fc1", [None, None, torch.randn(16, 16, generator=g, dtype=torch.float64)])):
+        want = output_channel_stats(nets, [name], data, weights=[1, 2, 3], maps=[{} if p is None else {name: p} for p in maps])[name]
+        mean, std = mapped_moments(stats.modules[name], maps, [1, 2, 3])
+        torch.testing.assert_close(mean, want[0], rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(std, want[1], rtol=1e-5, atol=1e-6)
+    assert mapped_moments(stats.modules["b2"], dense[:2] + [None], [1, 1, 1]) is None  # variances only: no dense map
+
+
+@pytest.mark.parametrize("aligner", ["cca", "permutation", "zipit"])
+@pytest.mark.parametrize("repair", ["auto", "repair"])
+def test_default_merge_runs_each_input_model_once(aligner, repair):
+    """Statistics and repair targets share one pass: every input model runs once per batch."""
+    nets = [bnnet(s) for s in range(3)]
+    data = [torch.randn(4, 3, 6, 6) for _ in range(3)]
+    calls: dict[int, int] = {}
+    for net in nets:
+        net.c1.register_forward_hook(lambda mod, i, o: calls.__setitem__(id(mod), calls.get(id(mod), 0) + 1))
+    merged = autoalign.merge(nets, data, aligner=aligner, repair=repair)
+    assert [calls.get(id(net.c1), 0) for net in nets] == [len(data)] * 3
+    assert merged is not nets[0]

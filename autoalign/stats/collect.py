@@ -6,7 +6,7 @@ maths, the precision and the memory behaviour."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import nn
@@ -81,6 +81,7 @@ def collect_stats(
     trace_options: dict[str, Any] | None = None,
     precision: str | None = None,
     self_moments: str = "full",
+    modules: Mapping[str, str] | None = None,
 ) -> Stats:
     """One streaming pass over ``data`` accumulating feature statistics for all models.
 
@@ -119,6 +120,12 @@ def collect_stats(
         self-products, which for all-to-one statistics are about half of the
         products taken; :func:`autoalign.merge` passes the aligner's
         ``self_moments``.
+    modules : dict of str to {"full", "diagonal"}, optional
+        Submodules whose *outputs* get each model's own moments too, in the same
+        pass (``Stats.modules``; channels along axis 1, the last axis for
+        ``nn.Linear``): the merge asks for the sites its repair stage reads, so
+        that repair needs no pass of the input models of its own. A module that
+        never runs is left out.
 
     Returns
     -------
@@ -164,6 +171,11 @@ def collect_stats(
     for p in wanted:
         for si, s in enumerate(site_lists[p.name]):
             taps.setdefault(s.node, []).append((p, si, s))
+    module_modes = dict(modules or {})
+    for mode in module_modes.values():
+        check_choice("modules", mode, SELF_MOMENTS)
+    module_axes = {name: -1 if isinstance(models[0].get_submodule(name), nn.Linear) else 1 for name in module_modes}
+    module_moments: dict[str, Moments] = {}
     state: dict[str, Any] = {}  # the model being run, and the features kept from earlier models this batch
     kept: dict[tuple[str, int], dict[int, list[torch.Tensor]]] = {}
 
@@ -189,12 +201,26 @@ def collect_stats(
                     "(e.g. float16 activations: compute in float32)"
                 )
 
+    def observe_module(name: str, value: Any) -> None:
+        if not isinstance(value, torch.Tensor) or value.dim() < 1:
+            return
+        m = state["model"]
+        x, channels_first = module_view(value, module_axes[name])
+        mom = module_moments.get(name)
+        if mom is None:
+            width = x.shape[1] if channels_first else x.shape[-1]
+            mom = module_moments[name] = Moments(n_models, width, [], x.device, module_modes[name] == "diagonal")
+        mom.add_model(m, x, channels_first, count=m == first, dtype=product_dtype)
+
     dev = calib.device_for(models[0])
     with torch.no_grad(), eval_mode(*models):
         for inputs in calib.inputs(dev, desc="statistics"):
             if not feats_mods:
                 ex = example_inputs if example_inputs is not None else inputs
-                feats_mods = [tapped_module(m, ex, node_names, observe, **(trace_options or {})) for m in models]
+                feats_mods = [
+                    tapped_module(m, ex, node_names, observe, modules=list(module_modes), observe_module=observe_module, **(trace_options or {}))
+                    for m in models
+                ]
             if not params:
                 params = [dict(m.state_dict()) for m in models]
             state["batch"] = batches
@@ -212,6 +238,12 @@ def collect_stats(
         for p in wanted:
             moments.setdefault(p.name, Moments(n_models, p.dim, pairs, dev, diagonal))
     all_reduce(moments)
+    if is_distributed():  # a process whose shard was empty takes part with zeros
+        for name in module_modes:
+            width = module_width(models[0].get_submodule(name))
+            if width is not None:
+                module_moments.setdefault(name, Moments(n_models, width, [], dev, module_modes[name] == "diagonal"))
+    all_reduce(module_moments)
     out = {}
     short = []
     for name in (p.name for p in wanted if p.name in moments):  # in spec order
@@ -227,4 +259,22 @@ def collect_stats(
             f"(worst: {name!r}, {n} samples for {d} features); use more calibration data",
             stacklevel=2,
         )
-    return Stats(out, pairs, n_models, batches)
+    return Stats(out, pairs, n_models, batches, {name: module_moments[name].point_stats() for name in module_modes if name in module_moments})
+
+
+def module_width(module: nn.Module) -> int | None:
+    """The number of output channels of a producer or normalisation module (None if unknown)."""
+    for attr in ("out_features", "out_channels", "num_features"):
+        if isinstance(getattr(module, attr, None), int):
+            return int(getattr(module, attr))
+    return None
+
+
+def module_view(value: torch.Tensor, axis: int) -> tuple[torch.Tensor, bool]:
+    """A module output as features for :class:`~autoalign.stats.moments.Moments`: ``(samples,
+    channels, positions)`` (``channels_first``) for a contiguous map with channels on axis 1,
+    else ``(…, channels)``."""
+    axis %= value.dim()
+    if axis == 1 and value.dim() >= 3 and value.is_contiguous():
+        return value.reshape(value.shape[0], value.shape[1], -1), True
+    return value.movedim(axis, -1), False

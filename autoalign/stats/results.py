@@ -124,6 +124,9 @@ class Stats:
     pairs: list[tuple[int, int]]
     n_models: int
     batches: int
+    #: Per submodule name, each model's moments of that module's output channels (no
+    #: cross terms), where the pass was asked for them (``collect_stats(modules=...)``).
+    modules: dict[str, PointStats] = field(default_factory=dict)
 
     def __getitem__(self, name: str) -> PointStats:
         return self.points[name]
