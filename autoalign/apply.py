@@ -121,8 +121,8 @@ def _apply_axis(t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, mat: torch.Ten
     """Apply one point's dense matrix along one axis of ``t`` (in place)."""
     view = ax.block_of(t)
     r, d = idx.shape
-    flat = idx.reshape(-1)
-    mat = mat.to(t.dtype)
+    flat = idx.reshape(-1).to(t.device)
+    mat = mat.to(device=t.device, dtype=t.dtype)
     if ax.role == "input":
         x = view.movedim(ax.axis, -1)
         g = x[..., flat].reshape(*x.shape[:-1], r, d)
@@ -200,18 +200,19 @@ def transform_state_dict(
         for what, t in (("merge", m), ("unmerge", u)):
             if tuple(t.shape) != (p.dim, p.dim):
                 raise SpecError(f"{what} matrix of merge point {name!r} has shape {tuple(t.shape)}, expected ({p.dim}, {p.dim})")
-        mats[i] = (m.detach().to("cpu", torch.float64), u.detach().to("cpu", torch.float64))
-        pm, pu = _as_permutation(mats[i][0]), _as_permutation(mats[i][1])
+        # dense maps stay where the plan was solved (e.g. the GPU) and meet each tensor on its device
+        mats[i] = (m.detach().to(torch.float64), u.detach().to(torch.float64))
+        pm, pu = _as_permutation(mats[i][0].cpu()), _as_permutation(mats[i][1].cpu())
         if pm is not None and pu is not None:
             # (P x)_i = x[pm[i]]; (g U)[..., j] = g[..., k] with U[k, j] = 1
-            perms[i] = (pm, mats[i][1].argmax(0))
+            perms[i] = (pm, mats[i][1].cpu().argmax(0))
     if folds is None:
         folds = folds_needed(spec, [transforms])
     sd = fold_batchnorm(state_dict, spec, folds) if folds else dict(state_dict)
     folded_keys = {k for f in folds for k in (f.weight, f.running_mean, f.running_var) if k}
     work: dict[str, torch.Tensor] = {}
     # permutations are gathered with one index per (tensor, axis, block); dense
-    # transforms are applied in float64
+    # transforms are applied in float64, on the tensor's device
     gathers: dict[tuple[str, int, tuple[int, int, int] | None], torch.Tensor] = {}
     for ax in spec.axes:
         if ax.role == "folded" and ax.tensor in folded_keys:
@@ -232,7 +233,7 @@ def transform_state_dict(
                 gathers[key] = _gather_index(ax, idx, src, gathers.get(key))
                 continue
             if ax.tensor not in work:
-                work[ax.tensor] = sd[ax.tensor].detach().to("cpu", torch.float64).clone()
+                work[ax.tensor] = sd[ax.tensor].detach().to(torch.float64, copy=True)
             m, u = mats[p]
             _apply_axis(work[ax.tensor], ax, idx, u if ax.role == "input" else m)
     for k, v in work.items():
@@ -303,7 +304,7 @@ def average_state_dicts(
         if torch.is_floating_point(v0):
             acc = torch.zeros(v0.shape, dtype=torch.float64, device=v0.device)
             for wi, sd in zip(w.tolist(), state_dicts):
-                acc += wi * sd[k].detach().to(torch.float64)
+                acc.add_(sd[k].detach(), alpha=wi)  # promoted to float64 in the kernel: no temporaries
             out[k] = acc.to(v0.dtype)
         else:
             out[k] = v0.clone()

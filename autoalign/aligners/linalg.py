@@ -32,7 +32,9 @@ def psd_noise(c: torch.Tensor) -> float:
     return max(0.0, -float(torch.linalg.eigvalsh(c)[0]))
 
 
-def polar_nearest_identity(m: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, int]:
+def polar_nearest_identity(
+    m: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0, identity: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The orthogonal ``Q`` maximising ``tr(Qᵀ m)``, nearest the identity where that is not unique.
 
     With ``m = U S Vᵀ``, ``Q = U Vᵀ`` (the polar factor). On the singular vectors
@@ -51,6 +53,10 @@ def polar_nearest_identity(m: torch.Tensor, rtol: float = 1e-10, atol: float = 0
     rtol, atol : float
         Singular values up to ``max(rtol · s_max, atol)`` count as zero (``atol``: the
         rounding level of the statistics ``m`` was built from, see :func:`psd_noise`).
+    identity : Tensor, shape (d, d), optional
+        The orthogonal matrix to be nearest to on the zero singular values (default
+        the identity): with ``m = Aᵀ m' B`` for orthogonal ``A``, ``B``, passing ``Aᵀ B``
+        gives ``Aᵀ Q' B`` with ``Q'`` the answer for ``m'``.
 
     Returns
     -------
@@ -76,7 +82,7 @@ def polar_nearest_identity(m: torch.Tensor, rtol: float = 1e-10, atol: float = 0
     q = u[:, :rank] @ vt[:rank]
     if rank < d:
         u0, v0 = u[:, rank:], vt[rank:].T
-        a, _, ct = torch.linalg.svd(u0.T @ v0)
+        a, _, ct = torch.linalg.svd(u0.T @ v0 if identity is None else u0.T @ identity @ v0)
         q = q + u0 @ (a @ ct) @ v0.T
     return q, s, rank
 
