@@ -59,6 +59,13 @@ class Progress:
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
 
+    def __eq__(self, other: object) -> bool:
+        # silent displays are interchangeable (so two Calibrations without progress compare equal)
+        return self is other or (type(self) is Progress and type(other) is Progress)
+
+    def __hash__(self) -> int:
+        return hash(Progress) if type(self) is Progress else id(self)
+
     @contextmanager
     def session(self) -> Iterator[bool]:
         """A whole merge (or command); yields whether it is the outermost one, which
@@ -285,7 +292,8 @@ class LineProgress(Progress):
 
         Examples
         --------
-        >>> p = LineProgress(tty=False)
+        >>> import io
+        >>> p = LineProgress(io.StringIO(), tty=False)
         >>> p.stage_started("repair")
         >>> p.pass_started("reset_bn", 8)
         >>> p.batch(3)

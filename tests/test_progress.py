@@ -124,6 +124,8 @@ def test_the_display_is_not_part_of_the_record():
     for copied in (pickle.loads(pickle.dumps(timings)), copy.deepcopy(timings)):
         assert copied == timings and not copied.progress
     assert make_progress(False).__class__ is autoalign.Progress and make_progress(True)
+    data = _data()
+    assert autoalign.Calibration(data) == autoalign.Calibration(data)  # silent displays are interchangeable
     # a Calibration that shows progress may be passed with progress=True, not with progress=False's opposite
     calib = autoalign.Calibration(_data(), progress=autoalign.LineProgress(out, tty=False))
     autoalign.merge(_nets(), calib, progress=True)
