@@ -103,7 +103,8 @@ class MergeReport:
         Merge weights (sum to one).
     points : list of PointReport
     timings : dict of str to float
-        Seconds spent in ``discover``, ``statistics``, ``solve``, ``apply``, ``repair``.
+        Seconds spent in ``discover``, ``statistics``, ``solve``, ``apply``, ``repair``
+        (and ``reference`` for ``reference="best"``, ``averaging``, ``selection`` when they run).
     repair : str or None
         The repair applied.
     folded_batchnorms : int
