@@ -254,22 +254,27 @@ class Calibration:
 
     def batches(self, desc: str | None = None) -> Iterator[Any]:
         """The raw batches of one pass (at most ``num_batches``); the pass, named ``desc``,
-        and each batch are reported to :attr:`progress`."""
+        and each batch are reported to :attr:`progress` (counted among this process's
+        share with ``shard=True``)."""
         progress = self.progress
+        rank, world = rank_and_world() if self.shard else (0, 1)
         total: int | None = None
         if progress:
             try:
                 total = len(self)
             except TypeError:
                 total = self.num_batches
-        rank, world = rank_and_world() if self.shard else (0, 1)
+            if total is not None:
+                total = len(range(rank, total, world))  # this process's share
         progress.pass_started(desc, total)
+        read = 0
         try:
             for seen, batch in enumerate(self.data):
                 if self.num_batches is not None and seen >= self.num_batches:
                     return
                 if seen % world == rank:
-                    progress.batch(seen + 1)
+                    read += 1
+                    progress.batch(read)
                     yield batch
         finally:
             progress.pass_finished()
