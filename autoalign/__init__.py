@@ -35,6 +35,7 @@ from .testing import CheckReport, check
 from .calibration import Calibration
 from .merge import MergeReport, MergeResult, merge, merge_with_report
 from .options import MergeOptions
+from .progress import LineProgress, Progress
 from .repair import reset_bn
 from .stats import Stats, collect_stats
 from .trace import trace
@@ -45,11 +46,13 @@ __all__ = [
     "AlignProblem",
     "Aligner",
     "Calibration",
+    "LineProgress",
     "MergeOptions",
     "MergeReport",
     "MergeResult",
     "Plan",
     "PointPlan",
+    "Progress",
     "PointwiseAligner",
     "ReferenceAligner",
     "Stats",

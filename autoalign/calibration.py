@@ -2,7 +2,8 @@
 
 :class:`Calibration` holds the data (a DataLoader or a list of batches), the
 function that picks the model inputs out of a batch, the batch limit, the
-device and whether to show progress. It is built and checked once, by
+device and the progress display (:mod:`autoalign.progress`; every pass reports its
+batches to it). It is built and checked once, by
 :func:`autoalign.merge`; the statistics pass, the repair passes, averaging, the
 reference choice and aligner selection all take it and ask it for ready inputs
 (:meth:`Calibration.inputs`) or for batches with their class targets
@@ -26,6 +27,7 @@ from torch import nn
 
 from .distributed import rank_and_world
 from .errors import AutoalignError, DataError, OptionError
+from .progress import Progress, make_progress
 from .trace import as_input_tuple
 
 __all__ = ["Calibration", "default_input_fn", "class_targets", "batch_error", "describe_inputs", "NO_BATCH"]
@@ -159,8 +161,11 @@ class Calibration:
         Read at most this many batches per pass.
     device : torch.device, optional
         Where inputs go (default: where each model's parameters are).
-    progress : bool, default False
-        Show a progress bar per pass.
+    progress : bool or Progress, default False
+        The progress display every pass reports its batches to: a true value shows a
+        :class:`~autoalign.progress.LineProgress` on stderr, false the silent
+        :class:`~autoalign.progress.Progress` (see :mod:`autoalign.progress`). Stored as
+        the display itself, false in a boolean context when silent.
     shard : bool, default False
         Under ``torch.distributed``: every process passes the same (whole) data and
         reads only its share, the batches ``i`` with ``i % world_size == rank``
@@ -181,13 +186,15 @@ class Calibration:
     [(4, 3), (4, 3)]
     >>> tuple(calib.example()[0].shape)
     (2, 3)
+    >>> calib.progress
+    Progress()
     """
 
     data: Iterable[Any]
     input_fn: Callable[[Any], Any] = default_input_fn
     num_batches: int | None = None
     device: torch.device | None = None
-    progress: bool = False
+    progress: "bool | Progress" = False
     shard: bool = False
 
     def __post_init__(self) -> None:
@@ -200,6 +207,7 @@ class Calibration:
             object.__setattr__(self, "input_fn", default_input_fn)
         if self.device is not None and not isinstance(self.device, torch.device):
             object.__setattr__(self, "device", torch.device(self.device))
+        object.__setattr__(self, "progress", make_progress(self.progress))
 
     @classmethod
     def coerce(
@@ -209,7 +217,7 @@ class Calibration:
         input_fn: Callable[[Any], Any] | None = None,
         num_batches: int | None = None,
         device: torch.device | str | None = None,
-        progress: bool = False,
+        progress: "bool | Progress" = False,
         shard: bool = False,
     ) -> "Calibration":
         """``data`` itself when it is a :class:`Calibration`, else one built from the arguments.
@@ -222,8 +230,9 @@ class Calibration:
         """
         if isinstance(data, Calibration):
             given = {"input_fn": input_fn, "num_batches": num_batches, "device": None if device is None else torch.device(device),
-                     "progress": progress or None, "shard": shard or None}
-            clash = [k for k, v in given.items() if v is not None and v != getattr(data, k)]
+                     "progress": True if progress else None, "shard": shard or None}
+            held = {k: bool(getattr(data, k)) if k == "progress" else getattr(data, k) for k in given}
+            clash = [k for k, v in given.items() if v is not None and v != held[k]]
             if clash:
                 raise OptionError(
                     f"data is a Calibration, which sets {', '.join(clash)} itself; pass "
@@ -244,23 +253,31 @@ class Calibration:
         return total if self.num_batches is None else min(total, self.num_batches)
 
     def batches(self, desc: str | None = None) -> Iterator[Any]:
-        """The raw batches of one pass (at most ``num_batches``), with a progress bar named
-        ``desc`` when ``progress`` is on."""
-        it: Iterable[Any] = self.data
-        if self.progress and desc:
-            from tqdm.auto import tqdm
-
+        """The raw batches of one pass (at most ``num_batches``); the pass, named ``desc``,
+        and each batch are reported to :attr:`progress` (counted among this process's
+        share with ``shard=True``)."""
+        progress = self.progress
+        rank, world = rank_and_world() if self.shard else (0, 1)
+        total: int | None = None
+        if progress:
             try:
-                total: int | None = len(self)
+                total = len(self)
             except TypeError:
                 total = self.num_batches
-            it = tqdm(self.data, total=total, desc=desc, unit="batch", leave=False)
-        rank, world = rank_and_world() if self.shard else (0, 1)
-        for seen, batch in enumerate(it):
-            if self.num_batches is not None and seen >= self.num_batches:
-                return
-            if seen % world == rank:
-                yield batch
+            if total is not None:
+                total = len(range(rank, total, world))  # this process's share
+        progress.pass_started(desc, total)
+        read = 0
+        try:
+            for seen, batch in enumerate(self.data):
+                if self.num_batches is not None and seen >= self.num_batches:
+                    return
+                if seen % world == rank:
+                    read += 1
+                    progress.batch(read)
+                    yield batch
+        finally:
+            progress.pass_finished()
 
     def inputs_of(self, batch: Any, device: torch.device | str | None) -> tuple[Any, ...]:
         """A batch's model inputs, tensors moved to ``device`` (None: left where they are)."""
@@ -301,7 +318,8 @@ class Calibration:
     def run(self, model: nn.Module, inputs: tuple[Any, ...], batch: int, who: str = "the model", *, named: nn.Module | None = None) -> Any:
         """``model(*inputs)``; any error but the library's is re-raised as a :class:`DataError`
         naming the batch, ``who`` and the class of ``named`` (default ``model``; a traced copy
-        names the user's model)."""
+        names the user's model). The run is reported to :attr:`progress`."""
+        self.progress.model_run(who)
         try:
             return model(*inputs)
         except AutoalignError:

@@ -148,8 +148,15 @@ def merge(
         Picks the model input out of a batch.
     spec : MergeSpec, optional
         A precomputed spec (default: discovered on the first model).
-    progress : bool, default False
-        Show progress bars.
+    progress : bool or Progress, default False
+        Show one progress display for the whole merge on stderr: the running stage
+        (``discover``, ``statistics``, ``solve``, ``apply``, ``repair``, ...), the batch
+        of each pass over the data (``statistics: batch 5/8, model 2/4``) and, at the
+        end, the seconds per stage. Redrawn in place on a terminal, plain lines
+        otherwise; only rank 0 draws under ``torch.distributed``. A
+        :class:`~autoalign.progress.Progress` (e.g. a
+        :class:`~autoalign.progress.LineProgress` on another stream) is used as is.
+        Silent by default; the command line turns it on (``--quiet`` turns it off).
     leaf_modules, autowrap_functions : sequence, optional
         Tracing escape hatches (see :func:`autoalign.trace`).
     precision : {None, "float32", "float64"}, optional
@@ -224,20 +231,39 @@ def merge_with_report(models: Sequence[nn.Module], data: Iterable[Any], **option
 
 def run(models: Sequence[nn.Module], data: Iterable[Any] | Calibration, opts: MergeOptions) -> MergeResult:
     """The pipeline behind :func:`merge_with_report`, for callers that hold a
-    :class:`~autoalign.options.MergeOptions` (the command line)."""
+    :class:`~autoalign.options.MergeOptions` (the command line).
+
+    Every stage and calibration pass reports to the calibration's progress display
+    (:mod:`autoalign.progress`); the outermost merge on a display ends it with the
+    seconds per stage (a caller that opened the display's session itself, as the
+    command line does, writes the summary)."""
     validate_models(models, device=opts.device)
     opts.check(len(models))
     calib = opts.calibration(data)
+    progress = calib.progress
+    with progress.session() as outermost:
+        result = _pipeline(models, calib, opts)
+        if outermost:
+            progress.summary(result.report.timings)
+    return result
+
+
+def _pipeline(models: Sequence[nn.Module], calib: Calibration, opts: MergeOptions) -> MergeResult:
+    """Choose the reference, discover, run the scheme (or choose an aligner first)."""
     w = opts.merge_weights(len(models))
     choice = selection_candidates(opts.aligner, opts.aligner_options)
     if choice is not None:
         return _merge_selected(models, calib, choice, opts)
     al = get_aligner(opts.aligner, **opts.aligner_options)
-    timings = Timings()
+    timings = Timings(progress=calib.progress)
     work = _on_device(models, opts.device)
-    reference = choose_reference(work, calib, opts.reference)
+    if isinstance(opts.reference, str):  # "best": a pass over the data
+        with timings.stage("reference"):
+            reference = choose_reference(work, calib, opts.reference)
+    else:
+        reference = choose_reference(work, calib, opts.reference)
     if len(models) == 1:
-        warnings.warn("merge got a single model; returning a copy of it", stacklevel=3)
+        warnings.warn("merge got a single model; returning a copy of it", stacklevel=4)
         return MergeResult(copy.deepcopy(models[0]), MergeReport(repr(al), 0, [1.0]), opts.spec or MergeSpec([], []), Plan())
     with timings.stage("discover"):
         spec = discover(work[0], calib, opts)
@@ -259,18 +285,22 @@ def _merge_selected(
     on the held-out rest, merge again on all batches with the best (see :mod:`autoalign.select`)."""
     option, candidates = choice
     t0 = time.perf_counter()
+    progress = calib.progress
+    scoring = Timings(progress=progress)  # only for the display
     fit, held = split_batches(calib)
     losses: dict[str, float] = {}
     errors: dict[str, str] = {}
     ensemble = None
     kind = ""
-    for label, al, al_opts in candidates:
-        try:
-            res = run(models, fit, opts.replace(aligner=al, aligner_options=al_opts, num_batches=None))
-        except AutoalignError as exc:
-            losses[label], errors[label] = float("inf"), f"{type(exc).__name__}: {exc}"
-            continue
-        loss, kind, ensemble = heldout_loss(res.model, models, held, ensemble=ensemble)
+    for k, (label, al, al_opts) in enumerate(candidates, 1):
+        with progress.scope(f"{option} {k}/{len(candidates)}: {label}"):
+            try:
+                res = run(models, fit, opts.replace(aligner=al, aligner_options=al_opts, num_batches=None))
+            except AutoalignError as exc:
+                losses[label], errors[label] = float("inf"), f"{type(exc).__name__}: {exc}"
+                continue
+            with scoring.stage("held-out loss"):
+                loss, kind, ensemble = heldout_loss(res.model, models, held, ensemble=ensemble)
         losses[label] = loss if loss == loss else float("inf")  # NaN: never chosen
         del res
     finite = {k: v for k, v in losses.items() if v < float("inf")}
@@ -279,7 +309,8 @@ def _merge_selected(
     best = min(finite, key=lambda k: finite[k])
     _, al, al_opts = next(c for c in candidates if c[0] == best)
     seconds = time.perf_counter() - t0
-    result = run(models, calib, opts.replace(aligner=al, aligner_options=al_opts))
+    with progress.scope(f"chosen: {best}"):
+        result = run(models, calib, opts.replace(aligner=al, aligner_options=al_opts))
     result.report.selection = Selection(option, best, losses, kind, len(fit), len(held), errors)
     result.report.timings["selection"] = seconds  # the candidates' merges and scoring
     return result

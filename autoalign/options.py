@@ -16,6 +16,7 @@ import torch
 
 from .calibration import Calibration
 from .errors import OptionError
+from .progress import Progress
 from .validate import validate_options
 from .vocab import AVERAGINGS, BATCHNORMS, FEATURES, REPAIRS, SCHEMES, check_choice, product_dtype_for
 
@@ -37,7 +38,8 @@ class MergeOptions:
     scheme, max_iterations, averaging, averaging_options, repair, batchnorm, features :
         See :func:`autoalign.merge`.
     num_batches, device, input_fn, progress, shard :
-        How calibration data is read (:class:`~autoalign.calibration.Calibration`).
+        How calibration data is read (:class:`~autoalign.calibration.Calibration`);
+        ``progress`` is the display the whole merge reports to (:mod:`autoalign.progress`).
     spec : MergeSpec, optional
         A precomputed spec.
     leaf_modules, autowrap_functions :
@@ -75,7 +77,7 @@ class MergeOptions:
     device: torch.device | str | None = None
     input_fn: Callable[[Any], Any] | None = None
     spec: Any = None
-    progress: bool = False
+    progress: "bool | Progress" = False
     leaf_modules: Sequence[Any] = ()
     autowrap_functions: Sequence[Callable[..., Any]] = ()
     precision: str | None = None

@@ -1,5 +1,6 @@
 """What a merge returns: the merged model, its report and everything that produced it,
-and the one timing helper the pipeline's stages use."""
+and the one timing helper the pipeline's stages use (which also reports each stage to the
+progress display, :mod:`autoalign.progress`)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import nn
 
 from .aligners.base import Plan
+from .progress import Progress
 from .select import Selection
 from .spec import MergeSpec
 from .stats import Stats
@@ -22,6 +24,12 @@ __all__ = ["PointReport", "MergeReport", "MergeResult", "Timings"]
 class Timings(dict):
     """Seconds per stage, accumulated over repeated stages (iterations, pairs).
 
+    Parameters
+    ----------
+    progress : Progress, optional
+        The display each stage is reported to (see :mod:`autoalign.progress`; default:
+        the silent one). It is not part of the record: a copy or a pickle drops it.
+
     Examples
     --------
     >>> t = Timings()
@@ -31,16 +39,34 @@ class Timings(dict):
     ...     pass
     >>> list(t), t["solve"] >= 0
     (['solve'], True)
+    >>> import io
+    >>> from autoalign.progress import LineProgress
+    >>> out = io.StringIO()
+    >>> with Timings(progress=LineProgress(out, tty=False)).stage("solve", detail="12 points"):
+    ...     pass
+    >>> out.getvalue().splitlines()
+    ['autoalign: solve (12 points)']
     """
 
+    def __init__(self, *args: Any, progress: Progress | None = None, **kwargs: float) -> None:
+        super().__init__(*args, **kwargs)
+        self.progress: Progress = progress if progress is not None else Progress()
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (Timings, (dict(self),))
+
     @contextmanager
-    def stage(self, name: str) -> Iterator[None]:
-        """Time the block and add the seconds to ``self[name]``."""
+    def stage(self, name: str, detail: str | None = None) -> Iterator[None]:
+        """Time the block, add the seconds to ``self[name]`` and report the stage (and
+        ``detail``, e.g. ``"12 points"``) to :attr:`progress`."""
+        self.progress.stage_started(name, detail)
         t0 = time.perf_counter()
         try:
             yield
         finally:
-            self[name] = self.get(name, 0.0) + time.perf_counter() - t0
+            seconds = time.perf_counter() - t0
+            self[name] = self.get(name, 0.0) + seconds
+            self.progress.stage_finished(name, seconds)
 
     def add(self, other: dict[str, float], skip: tuple[str, ...] = ()) -> None:
         """Add another record's seconds (but the stages in ``skip``)."""
@@ -77,7 +103,8 @@ class MergeReport:
         Merge weights (sum to one).
     points : list of PointReport
     timings : dict of str to float
-        Seconds spent in ``discover``, ``statistics``, ``solve``, ``apply``, ``repair``.
+        Seconds spent in ``discover``, ``statistics``, ``solve``, ``apply``, ``repair``
+        (and ``reference`` for ``reference="best"``, ``averaging``, ``selection`` when they run).
     repair : str or None
         The repair applied.
     folded_batchnorms : int

@@ -42,6 +42,12 @@ def _buffers(model: nn.Module) -> frozenset[str]:
     return frozenset(name for name, _ in model.named_buffers())
 
 
+def _points(spec: MergeSpec) -> str:
+    """What the solve stage works on, for the progress display: ``"12 points"``."""
+    n = sum(1 for p in spec.points if p.kind != "frozen")
+    return f"{n} point{'s' if n != 1 else ''}"
+
+
 def merge_all_to_one(
     work: Sequence[nn.Module], calib: Calibration, spec: MergeSpec, al: Aligner, reference: int, w: torch.Tensor,
     opts: MergeOptions, timings: Timings,
@@ -49,7 +55,7 @@ def merge_all_to_one(
     """Align every model to the reference once, average, repair."""
     with timings.stage("statistics"):
         stats = collect(work, calib, spec, al, reference, opts)
-    with timings.stage("solve"):
+    with timings.stage("solve", _points(spec)):
         sds = state_dicts(work)
         plan = solve(al, spec, sds, reference, w, stats, _buffers(work[0]))
     with timings.stage("apply"):
@@ -71,7 +77,7 @@ def merge_iterative(
     n = len(work)
     with timings.stage("statistics"):
         stats = collect(work, calib, spec, al, reference, opts)
-    with timings.stage("solve"):
+    with timings.stage("solve", _points(spec)):
         sds = state_dicts(work)
         buffers = _buffers(work[0])
         plan = solve(al, spec, sds, reference, w, stats, buffers)
@@ -80,7 +86,8 @@ def merge_iterative(
     iterations, change = 0, None
     w_ext = torch.cat([w, torch.zeros(1, dtype=w.dtype)])
     for iterations in range(1, opts.max_iterations + 1):
-        with timings.stage("statistics"):
+        round_ = f"round {iterations}/{opts.max_iterations}"
+        with timings.stage("statistics", round_):
             current = copy.deepcopy(work[reference])
             current.load_state_dict(applied.merged)
             # the consensus model is repaired like the final one, so its features are not shrunk
@@ -88,12 +95,12 @@ def merge_iterative(
             if mode in ("reset_bn", "repair"):
                 repair(current, mode, work, applied, spec, plan, w, calib, opts.trace_options, stats)
             stats = collect(list(work) + [current], calib, spec, al, n, opts)
-        with timings.stage("solve"):
+        with timings.stage("solve", f"{round_}, {_points(spec)}"):
             full = solve(al, spec, sds + state_dicts([current]), n, w_ext, stats, buffers)
             new_plan = Plan({name: pp.without_last().rebased(reference) for name, pp in full.points.items()})
             change = new_plan.change_from(plan)
             plan = new_plan
-        with timings.stage("apply"):
+        with timings.stage("apply", round_):
             applied = apply(sds, spec, plan, w, opts.batchnorm)
         del current
         if change <= ITERATIVE_TOL:
@@ -117,13 +124,15 @@ def merge_hierarchical(
     """Merge pairs, then pairs of merged models, as a binary tree (the reference leads every pair it is in)."""
     order = [reference] + [i for i in range(len(work)) if i != reference]
     level = [(work[i], float(w[i])) for i in order]
-    rounds = 0
+    rounds = pairs = 0
     result: MergeResult | None = None
     while len(level) > 1:
         nxt = []
         for k in range(0, len(level) - 1, 2):
             (a, wa), (b, wb) = level[k], level[k + 1]
-            result = merge_pair(a, b, wa, wb, calib, spec, al, opts, timings)
+            pairs += 1
+            with timings.progress.scope(f"pair {pairs}/{len(work) - 1}"):
+                result = merge_pair(a, b, wa, wb, calib, spec, al, opts, timings)
             nxt.append((result.model, wa + wb))
         if len(level) % 2:
             nxt.append(level[-1])

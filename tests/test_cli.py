@@ -149,6 +149,9 @@ def test_merge_end_to_end(tiny_module):
     proc = _merge_cli(tmp, "--aligner", "cca", "--option", "ridge=0.1", "--batch-size", "32", "--out", out)
     assert proc.returncode == 0, proc.stderr
     assert "point" in proc.stdout and "timings" in proc.stdout
+    # the progress display is on by default, on stderr, in plain lines (stderr is a pipe here)
+    assert "autoalign: statistics: batch 3/3, model 2/2" in proc.stderr and "\r" not in proc.stderr
+    assert proc.stderr.splitlines()[-1].startswith("autoalign: done in "), proc.stderr
     saved = torch.load(out, weights_only=True)
     assert saved["arch"] == "tinymodels:make_mlp"
     assert saved["aligner"] == "cca"

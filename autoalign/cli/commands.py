@@ -114,6 +114,8 @@ def cmd_merge(args: argparse.Namespace) -> int:
     from .. import __version__, get_aligner, list_aligners
     from ..merge import run
     from ..options import MergeOptions
+    from ..progress import LineProgress, Progress
+    from ..report import Timings
 
     # cheap checks first: aligner name and options, files, output folder
     options = dict(parse_option(o) for o in args.option)
@@ -150,37 +152,44 @@ def cmd_merge(args: argparse.Namespace) -> int:
     std = parse_floats(args.std, "--std") if args.std else None
     if (mean is None) != (std is None):
         raise CLIError("--mean and --std go together")
+    # one display for the whole command (loading, then every stage of the merge) on stderr
+    progress = LineProgress() if args.progress else Progress()
     # the same options object the library checks, checked before anything is loaded
     opts = MergeOptions.from_kwargs(
         **options, aligner=args.aligner, reference=reference,
         repair=None if args.repair == "none" else args.repair, batchnorm=args.batchnorm, features=args.features,
-        scheme=args.scheme, num_batches=args.num_batches, device=args.device, progress=args.progress,
+        scheme=args.scheme, num_batches=args.num_batches, device=args.device, progress=progress,
         precision=args.precision,
     )
     opts.check(len(args.checkpoint))
 
-    t_start = time.perf_counter()
-    loaded = [load_checkpoint(p, trust=args.trust_checkpoints) for p in args.checkpoint]
-    arch = args.arch
-    if arch is None:
-        archs = {meta.get("arch") for _, meta in loaded}
-        if len(archs) == 1 and isinstance(next(iter(archs)), str):
-            arch = next(iter(archs))
-            print(f"architecture from the checkpoints: {arch}")
-        else:
-            raise CLIError("--arch is required (the checkpoints do not record one architecture)")
-    models = []
-    for path, (sd, _) in zip(args.checkpoint, loaded):
-        model = load_model_target(arch, num_classes=args.num_classes)
-        load_into(model, sd, path)
-        model.eval()
-        models.append(model)
-    data = make_data(args.data, batch_size=args.batch_size, split=args.split, image_size=args.image_size, mean=mean, std=std)
-    t_load = time.perf_counter() - t_start
+    load = Timings(progress=progress)
+    with progress.session():
+        with load.stage("load"):
+            loaded = [load_checkpoint(p, trust=args.trust_checkpoints) for p in args.checkpoint]
+            arch = args.arch
+            if arch is None:
+                archs = {meta.get("arch") for _, meta in loaded}
+                if len(archs) == 1 and isinstance(next(iter(archs)), str):
+                    arch = next(iter(archs))
+                    progress.clear()
+                    print(f"architecture from the checkpoints: {arch}", flush=True)
+                else:
+                    raise CLIError("--arch is required (the checkpoints do not record one architecture)")
+            models = []
+            for path, (sd, _) in zip(args.checkpoint, loaded):
+                model = load_model_target(arch, num_classes=args.num_classes)
+                load_into(model, sd, path)
+                model.eval()
+                models.append(model)
+            data = make_data(args.data, batch_size=args.batch_size, split=args.split, image_size=args.image_size, mean=mean, std=std)
 
-    print(f"merging {len(models)} x {arch} with aligner {args.aligner!r} on {args.data} ...", flush=True)
-    result = run(models, data, opts)
-    report = result.report
+        progress.clear()
+        print(f"merging {len(models)} x {arch} with aligner {args.aligner!r} on {args.data} ...", flush=True)
+        result = run(models, data, opts)
+        report = result.report
+        timings = {**load, **report.timings}
+        progress.summary(timings)
     table = report.table()
     print(table)
     print()
@@ -193,7 +202,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
     projected = sum(1 for p in report.points if p.projected)
     if projected:
         print(f"{projected} merge points projected onto a restricted kind (see 'projected')")
-    timings = {"load": t_load, **report.timings}
     print("timings: " + ", ".join(f"{k} {v:.2f} s" for k, v in timings.items()) + f"; total {sum(timings.values()):.2f} s")
     state = {k: v.detach().cpu() for k, v in result.model.state_dict().items()}
     torch.save(

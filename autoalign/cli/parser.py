@@ -270,7 +270,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "until the plan settles (aligners that align to a reference: cca, permutation, ot)")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the merged checkpoint")
     p.add_argument("--device", default=None, metavar="DEVICE", help="compute device, e.g. cpu or cuda (default: where the models are loaded, the cpu)")
-    p.add_argument("--progress", action="store_true", help="show progress bars")
+    p.add_argument("--quiet", dest="progress", action="store_false", default=True,
+                   help="no progress display on stderr (by default one line names the stage, the batch and the model "
+                        "being run, and a last line the seconds per stage; plain lines when stderr is not a terminal)")
+    # the display is on by default now; --progress is still accepted (the last of the two wins)
+    p.add_argument("--progress", dest="progress", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--trust-checkpoints", action="store_true",
                    help="load checkpoints with full pickle (only for files you trust; default weights_only=True)")
 
