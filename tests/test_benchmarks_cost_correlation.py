@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import pathlib
 import sys
 
@@ -64,6 +65,76 @@ def test_cost_all_pairs_aligner_holds_more_blocks() -> None:
     row = cost.measure(8, 3, "zipit", samples=48, batch=24, in_features=5, repeats=1)
     assert row["needs"] == "all_pairs"
     assert row["stats_blocks"] == 2 * (3 + 3)  # 3 squares + 3 pairs per point
+
+
+def test_cost_measure_reports_the_whole_merge_against_the_floor(tmp_path: pathlib.Path) -> None:
+    row = cost.measure(16, 2, "default", samples=64, batch=32, in_features=8, repeats=2)
+    assert row["aligner_used"].startswith("ProcrustesAligner") and row["repair_used"] is None  # auto: no BatchNorm
+    assert set(row["timings"]) >= {"discover", "statistics", "solve", "apply", "repair"}
+    assert len(row["merge_runs"]) == 2 and row["total_seconds"] == min(r["seconds"] for r in row["merge_runs"])
+    best = min(row["merge_runs"], key=lambda r: r["seconds"])
+    assert best["seconds"] >= sum(best["timings"].values()) and best["other_seconds"] >= 0
+    assert row["total_over_floor"] == pytest.approx(row["total_seconds"] / row["floor_seconds"])
+    assert row["floor_peak_bytes"] >= 0 and row["other_seconds"] == best["other_seconds"]
+    md = cost.to_markdown({"command": "x", "machine": "m", "torch": "t", "date": "d", "samples": 64, "batch": 32,
+                           "in_features": 8, "repeats": 2, "repair": "auto", "rows": [row]})
+    header, rule, line = md.strip().splitlines()[-3:]
+    assert "merge total s" in header and "repair s" in header and "| default | 16 | 2 |" in line
+    assert header.count("|") == rule.count("|") == line.count("|")
+    cost.plot_stages([row], tmp_path / "stages.png", x_key="width", x_label="width d", panel_key="n")
+    assert (tmp_path / "stages.png").stat().st_size > 0
+
+
+@pytest.mark.filterwarnings("ignore:.*fewer samples than features")
+def test_cost_torchvision_tiny_resnet18(tmp_path: pathlib.Path) -> None:
+    pytest.importorskip("torchvision")
+    row = cost.measure_torchvision("resnet18", 2, "permutation", image_size=32, batches=2, batch_size=2)
+    assert row["torchvision"] == "resnet18" and row["params"] > 10**7 and row["repair_used"] == "reset_bn"
+    assert set(row["timings"]) >= {"discover", "statistics", "solve", "apply", "repair"}
+    assert row["total_seconds"] >= sum(row["timings"].values()) and row["other_seconds"] >= 0
+    assert row["floor_seconds"] > 0 and math.isfinite(row["total_over_floor"])
+    assert row["merge_peak_bytes"] > 0 and row["floor_peak_bytes"] >= 0
+    failed = {"torchvision": "vit_b_16", "n": 8, "aligner": "default", "error": "timeout after 60 s"}
+    result = {"command": "x", "machine": "m", "torch": "t", "torchvision": "tv", "date": "d", "num_classes": 10,
+              "batches": 2, "batch_size": 2, "image_size": 32, "device": "cpu", "repair": "auto", "repeats": 1,
+              "rows": [row, failed]}
+    md = cost.torchvision_markdown(result)
+    header, rule, line, bad = md.strip().splitlines()[-4:]
+    assert line.startswith("| resnet18 | 11.2 | 2 | permutation |") and "failed: timeout after 60 s" in bad
+    assert header.count("|") == rule.count("|") == line.count("|") == bad.count("|")
+    for stage in ("discover s", "statistics s", "solve s", "apply s", "repair s", "other s", "merge peak MiB"):
+        assert stage in header
+    cost.plot_stages(result["rows"], tmp_path / "stages.png", x_key="n", x_label="N", panel_key="torchvision")
+    assert (tmp_path / "stages.png").stat().st_size > 0
+
+
+def test_cost_cuda_stages_wait_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    from autoalign.report import Timings
+    from benchmarks import cost_measure
+
+    calls: list[int] = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: calls.append(1))
+    original = Timings.stage
+    with cost_measure.synchronized_stages("cpu"):
+        assert Timings.stage is original
+    with cost_measure.synchronized_stages("cuda:0"):
+        t = Timings()
+        with t.stage("solve"):
+            assert len(calls) == 1  # before the clock starts
+        assert len(calls) == 2 and t["solve"] >= 0  # and before it stops
+    assert Timings.stage is original
+    assert cost_measure.resolve_device("cpu") == "cpu" and cost_measure.resolve_device("cuda:1") == "cuda:1"
+
+
+def test_cost_torchvision_sweep_records_a_timed_out_configuration(tmp_path: pathlib.Path) -> None:
+    out = tmp_path / "tv"
+    assert cost.main(["--torchvision", "resnet18", "--n", "2", "--aligners", "permutation", "--timeout", "0.01",
+                      "--out", str(out)]) == 0
+    result = json.loads((out / "cost.json").read_text())
+    assert result["rows"] == [{"torchvision": "resnet18", "n": 2, "aligner": "permutation", "error": "timeout after 0.01 s"}]
+    assert result["image_size"] == 64 and result["batches"] == 8 and result["batch_size"] == 32 and result["repeats"] == 1
+    assert result["logical_cpus"] == os.cpu_count() and result["torch"] == torch.__version__ and result["cpu"]
+    assert "failed: timeout" in (out / "cost.md").read_text() and (out / "cost_stages.png").exists()
 
 
 # --------------------------------------------------------------------------- correlation.py
