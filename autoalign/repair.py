@@ -129,6 +129,7 @@ def _channel_moments(
     *,
     maps: dict[str, torch.Tensor] | None = None,
     trace_options: dict[str, Any] | None = None,
+    desc: str = "moments",
 ) -> dict[str, list[Any]]:
     """One eval-mode pass of ``model`` over the calibration data, read by taps
     (:func:`autoalign.capture.module_tapped`): per named submodule, ``[count, Σ y, Σ y²]``
@@ -151,7 +152,7 @@ def _channel_moments(
     gm, _ = module_tapped(model, outputs=outputs, inputs=inputs, **(trace_options or {}))
     dev = calib.device_for(model)
     with torch.no_grad(), eval_mode(model):
-        for inputs_ in calib.inputs(dev):
+        for inputs_ in calib.inputs(dev, desc=desc):
             gm(*inputs_)
     all_reduce_moments(acc)  # under torch.distributed: the moments of all processes' shards
     return acc
@@ -216,7 +217,7 @@ def restore_batchnorm(
     if not bns:
         return []
     calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device)
-    acc = _channel_moments(model, {name: ("input", 1) for name in bns}, calib, trace_options=trace_options)
+    acc = _channel_moments(model, {name: ("input", 1) for name in bns}, calib, trace_options=trace_options, desc="restore BatchNorm")
     done = []
     with torch.no_grad():
         for name, mod in bns.items():
@@ -310,7 +311,9 @@ def output_channel_stats(
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for k, (wi, model) in enumerate(zip(w, models)):
         taps = {name: ("output", channel_axis(model.get_submodule(name))) for name in names}
-        acc = _channel_moments(model, taps, calib, maps=maps[k] if maps is not None else None, trace_options=trace_options)
+        acc = _channel_moments(
+            model, taps, calib, maps=maps[k] if maps is not None else None, trace_options=trace_options, desc=f"repair targets, model {k + 1}/{n}"
+        )
         for name, (cnt, s, q) in acc.items():
             mean = s / cnt
             std = torch.sqrt(torch.clamp(q / cnt - mean * mean, min=0.0))

@@ -109,7 +109,7 @@ def collect_stats(
     device : torch.device or str, optional
         Where to run the models (default: where their parameters are).
     progress : bool
-        Show a tqdm progress bar.
+        Report the pass to the progress display (:mod:`autoalign.progress`).
     precision : {None, "float32", "float64"}
         Precision of the per-chunk products (always accumulated in float64).
         Default: float64 for float64 features, float32 otherwise.
