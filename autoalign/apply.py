@@ -121,8 +121,17 @@ def _apply_axis(t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, mat: torch.Ten
     """Apply one point's dense matrix along one axis of ``t`` (in place)."""
     view = ax.block_of(t)
     r, d = idx.shape
-    flat = idx.reshape(-1).to(t.device)
     mat = mat.to(device=t.device, dtype=t.dtype)
+    if r == 1 and d == view.shape[ax.axis] and bool((idx[0] == torch.arange(d)).all()):
+        # the point is the whole axis, in order (most layers): one product, no gather or scatter
+        if ax.role == "input":
+            x = view.movedim(ax.axis, -1)
+            x.copy_(x @ mat)
+        else:
+            x = ax.axis_major(t)
+            x.copy_((mat @ x.reshape(d, -1)).reshape(x.shape))
+        return
+    flat = idx.reshape(-1).to(t.device)
     if ax.role == "input":
         x = view.movedim(ax.axis, -1)
         g = x[..., flat].reshape(*x.shape[:-1], r, d)
