@@ -49,9 +49,6 @@ _RHO_RTOL = 1e-6
 _NOISE_FACTOR = 10.0
 #: ... but never more than this: statistics noisier than that are not aligned by a threshold.
 _RHO_TOL_MAX = 0.1
-#: The polar factor comes from ``eigh(KᵀK)`` when every canonical correlation is at least this
-#: fraction of the largest (error ~ machine epsilon / this², ~1e-10 in float64), else from an SVD.
-_EIGH_POLAR_MIN = 1e-3
 
 
 class _Roots(NamedTuple):
@@ -93,21 +90,6 @@ def _ridged_roots(c: torch.Tensor, ridge: float, relative: bool) -> _Roots:
     evals = torch.clamp(evals, min=floor)
     noise = max(0.0, g - lam_min) / float(evals[0]) if d else 0.0
     return _Roots(evecs, evals.sqrt(), noise)
-
-
-def _polar_by_eigh(k: torch.Tensor, rtol: float, atol: float) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """``(Q, s)``: the polar factor of ``k`` and its singular values (descending) from the
-    eigendecomposition of ``kᵀk`` — about half the cost of an SVD — when ``k`` is well
-    conditioned (``s_min ≥`` :data:`_EIGH_POLAR_MIN` ``· s_max``, and every singular value
-    above the zero threshold), where it is as accurate; else None (use the SVD)."""
-    lam, b = torch.linalg.eigh(k.T @ k)
-    s = torch.sqrt(torch.clamp(lam, min=0.0)).flip(0)
-    smax = float(s[0]) if s.numel() else 0.0
-    smin = float(s[-1]) if s.numel() else 0.0
-    if smax <= 0 or smin < max(_EIGH_POLAR_MIN * smax, rtol * smax, atol):
-        return None
-    # k = A diag(s) Bᵀ with A = k B diag(1/s): Q = A Bᵀ
-    return ((k @ b) / torch.sqrt(lam)) @ b.T, s
 
 
 def cca_transform(
@@ -159,13 +141,11 @@ def cca_transform(
     # give them arbitrary directions (and a negative rounding eigenvalue a reflection)
     tol = min(_RHO_TOL_MAX, _NOISE_FACTOR * max(rx.noise, ry.noise))
     k = (ex.T @ cxy @ ey) / torch.outer(g, l)
-    fast = _polar_by_eigh(k, _RHO_RTOL, tol)
-    if fast is not None:
-        q, rho = fast
-    else:
-        # zero correlations: the rotation nearest the identity *of the symmetric whitening*,
-        # i.e. nearest E_xᵀ E_y in these bases (polar_nearest_identity of E_x K E_yᵀ, rotated)
-        q, rho, _ = polar_nearest_identity(k, _RHO_RTOL, tol, identity=ex.T @ ey)
+    # on zero correlations, the rotation nearest the identity *of the symmetric whitening*, i.e.
+    # nearest E_xᵀ E_y in these bases (polar_nearest_identity of E_x K E_yᵀ, rotated). (The
+    # polar factor from eigh(KᵀK) would halve this step, but K is rank-deficient at most points
+    # of real networks — dependent or dead features — where only the SVD is accurate.)
+    q, rho, _ = polar_nearest_identity(k, _RHO_RTOL, tol, identity=ex.T @ ey)
     t = (ex * g) @ (q / l) @ ey.T
     t_inv = (ey * l) @ (q.T / g) @ ex.T
     return t, t_inv, rho
