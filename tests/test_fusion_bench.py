@@ -150,6 +150,18 @@ def test_import_autoalign_does_not_import_fusion_bench_and_the_plug_in_is_light(
     subprocess.run([sys.executable, "-c", light], check=True, env=ENV)
 
 
+def test_calibration_loader_reads_the_pool_in_a_fixed_random_order():
+    """An image folder lists its images class by class: single-class calibration batches put the
+    BatchNorm statistics, and the merged resnet18, at chance."""
+    from fusion_bench.modelpool import BaseModelPool
+
+    data = torch.utils.data.TensorDataset(torch.arange(64.0), torch.arange(64) // 16)  # class by class
+    pool = BaseModelPool({"a": torch.nn.Linear(1, 1)}, train_datasets={"calibration": data})
+    batches = [y.tolist() for _, y in fb.AutoAlignAlgorithm(batch_size=16).calibration_loader(pool)]
+    assert all(len(set(b)) > 1 for b in batches) and sorted(sum(batches, [])) == sorted(data.tensors[1].tolist())
+    assert batches == [y.tolist() for _, y in fb.AutoAlignAlgorithm(batch_size=16).calibration_loader(pool)]
+
+
 def test_cli_torchvision_checkpoints_and_image_folder(tmp_path):
     """The example torchvision pool and image-folder task pool end to end: two resnet18s trained
     from seeds 0 and 1 on a small generated image folder whose classes differ in colour, merged
