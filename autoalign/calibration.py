@@ -30,7 +30,7 @@ from .errors import AutoalignError, DataError, OptionError
 from .progress import Progress, make_progress
 from .trace import as_input_tuple
 
-__all__ = ["Calibration", "default_input_fn", "class_targets", "batch_error", "describe_inputs", "NO_BATCH"]
+__all__ = ["Calibration", "default_input_fn", "class_targets", "class_sorted", "batch_error", "describe_inputs", "NO_BATCH"]
 
 #: Message for calibration data that yields no batch.
 NO_BATCH = (
@@ -125,6 +125,98 @@ def class_targets(batch: Any, n: int | None = None) -> torch.Tensor | None:
         if y.dim() == 1 and not y.is_floating_point() and (n is None or y.shape[0] == n):
             return y
     return None
+
+
+def class_sorted(targets: Sequence[torch.Tensor], min_pairs: int = 32) -> bool:
+    """Whether batches' class targets look sorted by class rather than drawn at random.
+
+    Counts the pairs of samples in one batch that share their class and compares the count
+    with random batchings of the same labels into batches of the same sizes (32 seeded
+    permutations): the batches count as sorted when the fraction of same-class pairs exceeds
+    the random one ``q`` by at least a quarter of the way to 1, ``0.25 (1 − q)``, and by five
+    standard deviations of the random batchings. A ``DataLoader(shuffle=False)`` over an
+    image folder (one folder per class) or a data set stored class by class gives batches of
+    one or two classes.
+
+    Parameters
+    ----------
+    targets : sequence of Tensor
+        Per batch, its integer class targets, shape ``(B,)``.
+    min_pairs : int, default 32
+        Fewer same-batch pairs than this (or fewer than two classes) decide nothing: False.
+
+    Returns
+    -------
+    bool
+
+    Examples
+    --------
+    >>> import torch
+    >>> y = torch.arange(4).repeat_interleave(16)            # 64 labels, class by class
+    >>> mixed = y[torch.randperm(64, generator=torch.Generator().manual_seed(0))]
+    >>> class_sorted(list(y.split(8))), class_sorted(list(mixed.split(8)))
+    (True, False)
+    """
+    sizes = [int(t.numel()) for t in targets]
+    pairs = sum(b * (b - 1) for b in sizes) / 2
+    if pairs < min_pairs:
+        return False
+    _, labels = torch.unique(torch.cat([t.reshape(-1).cpu() for t in targets]), return_inverse=True)
+    n_classes = int(labels.max()) + 1
+    if n_classes < 2:
+        return False
+    batch_of = torch.repeat_interleave(torch.arange(len(sizes)), torch.tensor(sizes)) * n_classes
+
+    def same(order: torch.Tensor) -> float:
+        counts = torch.bincount(batch_of + order, minlength=len(sizes) * n_classes).to(torch.float64)
+        return float((counts * (counts - 1)).sum()) / 2 / pairs
+
+    g = torch.Generator().manual_seed(0)
+    random = torch.tensor([same(labels[torch.randperm(len(labels), generator=g)]) for _ in range(32)], dtype=torch.float64)
+    q, spread = float(random.mean()), float(random.std())
+    excess = same(labels) - q
+    return excess >= 0.25 * (1.0 - q) and excess >= 5.0 * spread
+
+
+def _rebatch(batches: list[Any], seed: int) -> list[Any] | None:
+    """The samples of in-memory batches in a fixed random order, cut into batches of the
+    same sizes; None unless every batch is a tensor, or a tuple, list or dict of tensors with
+    one leading (sample) size, all of one structure."""
+
+    def parts(batch: Any) -> tuple[Any, list[torch.Tensor]] | None:
+        if isinstance(batch, torch.Tensor):
+            return None, [batch]
+        if isinstance(batch, (tuple, list)) and batch and all(isinstance(t, torch.Tensor) for t in batch):
+            return type(batch), list(batch)
+        if isinstance(batch, dict) and batch and all(isinstance(t, torch.Tensor) for t in batch.values()):
+            return tuple(batch), list(batch.values())
+        return None
+
+    split = [parts(b) for b in batches]
+    if not split or any(p is None for p in split) or len({(p[0], len(p[1])) for p in split}) != 1:  # type: ignore[index]
+        return None
+    kind, first = split[0]  # type: ignore[misc]
+    sizes = []
+    for _, tensors in split:  # type: ignore[misc]
+        lead = {t.shape[0] if t.dim() else -1 for t in tensors}
+        if len(lead) != 1 or -1 in lead:
+            return None
+        sizes.append(lead.pop())
+    try:
+        columns = [torch.cat([p[1][i] for p in split]) for i in range(len(first))]  # type: ignore[index]
+    except RuntimeError:  # trailing shapes differ between batches
+        return None
+    order = torch.randperm(sum(sizes), generator=torch.Generator().manual_seed(seed))
+    columns = [c[order.to(c.device)] for c in columns]
+    out: list[Any] = []
+    for cut in zip(*(c.split(sizes) for c in columns)):
+        if kind is None:
+            out.append(cut[0])
+        elif isinstance(kind, tuple):
+            out.append(dict(zip(kind, cut)))
+        else:
+            out.append(kind(cut))
+    return out
 
 
 class _Window:
@@ -314,6 +406,51 @@ class Calibration:
     def window(self, start: int, stop: int | None) -> "Calibration":
         """The same calibration restricted to batches ``start <= i < stop`` (no batch limit)."""
         return replace(self, data=_Window(self.data, start, stop), num_batches=None)
+
+    def shuffled(self, seed: int = 0) -> "Calibration | None":
+        """The same samples in a fixed random order (``torch.randperm`` under ``seed``), for
+        passes whose result depends on which samples share a batch (BatchNorm in training
+        mode: :func:`autoalign.reset_bn`, :func:`autoalign.repair.repair_producers`).
+
+        A list of batches (tensors, or tuples, lists or dicts of tensors) is cut again into
+        batches of the same sizes from its first ``num_batches`` batches; a DataLoader over a
+        map-style data set is rebuilt over the permuted data set with its batch size, collate
+        function and workers (``num_batches`` then reads a random part of all of it).
+
+        Returns
+        -------
+        Calibration or None
+            None when the data cannot be reordered (an iterable data set, a custom batch
+            sampler, other batch types, or any other iterable).
+
+        Examples
+        --------
+        >>> import torch, autoalign
+        >>> calib = autoalign.Calibration([(torch.arange(4.0), torch.zeros(4)), (torch.arange(4.0, 8.0), torch.ones(4))])
+        >>> [x.tolist() for (x,) in calib.shuffled(seed=0).inputs("cpu")]
+        [[4.0, 0.0, 7.0, 3.0], [2.0, 5.0, 1.0, 6.0]]
+        """
+        data = self.data
+        if isinstance(data, torch.utils.data.DataLoader):
+            dataset = data.dataset
+            if isinstance(dataset, torch.utils.data.IterableDataset) or data.batch_size is None:
+                return None
+            try:
+                n = len(dataset)  # type: ignore[arg-type]
+            except TypeError:
+                return None
+            order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+            loader = torch.utils.data.DataLoader(
+                torch.utils.data.Subset(dataset, order), batch_size=data.batch_size, shuffle=False, drop_last=data.drop_last,
+                collate_fn=data.collate_fn, num_workers=data.num_workers, pin_memory=data.pin_memory,
+                worker_init_fn=data.worker_init_fn,
+            )
+            return replace(self, data=loader)
+        if isinstance(data, (list, tuple)):
+            batches = list(data) if self.num_batches is None else list(data)[: self.num_batches]
+            again = _rebatch(batches, seed)
+            return None if again is None else replace(self, data=again, num_batches=None)
+        return None
 
     def run(self, model: nn.Module, inputs: tuple[Any, ...], batch: int, who: str = "the model", *, named: nn.Module | None = None) -> Any:
         """``model(*inputs)``; any error but the library's is re-raised as a :class:`DataError`

@@ -38,8 +38,9 @@ from torch import nn
 from .errors import MergeError
 from .repair_sites import permutation_index, repair_sites, site_maps
 from .calibration import Calibration
+from .batchnorm_pass import batchnorm_pass
 from .capture import module_tapped
-from .distributed import all_reduce_moments, sync_batchnorm_stats
+from .distributed import all_reduce_moments
 from .trace import eval_mode
 
 __all__ = [
@@ -77,6 +78,11 @@ def reset_bn(
     ``torch.distributed`` the statistics of all processes' shards are combined
     (:func:`autoalign.distributed.sync_batchnorm_stats`).
 
+    Training mode normalises each batch with its own statistics, so the batches must be
+    random draws: batches sorted by class (a ``DataLoader(shuffle=False)`` over an image
+    folder) are detected from their class targets and the pass is run again on the same
+    samples in a fixed random order, with a warning (:func:`autoalign.batchnorm_pass.batchnorm_pass`).
+
     Examples
     --------
     >>> import torch, autoalign
@@ -89,37 +95,9 @@ def reset_bn(
     if not any(isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats for m in model.modules()):
         return model
     calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
-    if _calibration_pass(model, calib, desc="reset_bn") == 0:
+    if batchnorm_pass(model, calib, desc="reset_bn") == 0:
         raise MergeError("reset_bn: the calibration data yielded no batch")
     return model
-
-
-def _calibration_pass(model: nn.Module, calib: Calibration, *, desc: str, run: Callable[..., Any] | None = None) -> int:
-    """One pass over ``data`` with every BatchNorm re-estimating its statistics as the exact
-    average over the batches (``momentum=None``, training mode) and everything else in eval
-    mode; flags and momenta restored. Returns the number of batches seen."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    flags = [(m, m.training) for m in model.modules()]
-    momenta = [(m, m.momentum) for m in bns]
-    dev = calib.device_for(model)
-    seen = 0
-    try:
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        with torch.no_grad():
-            for inputs in calib.inputs(dev, desc=desc):
-                (run or model)(*inputs)
-                seen += 1
-    finally:
-        for m, mom in momenta:
-            m.momentum = mom
-        for m, flag in flags:
-            m.training = flag
-    sync_batchnorm_stats(model)  # under torch.distributed: the statistics of all processes' shards
-    return seen
 
 
 def _channel_moments(
@@ -362,6 +340,8 @@ def repair_producers(
     ``W ← W · σ_t/σ̂`` and ``b ← (b − μ̂) · σ_t/σ̂ + μ_t`` per output channel.
     A producer without bias can only be rescaled (its mean is left). A channel
     that is constant on the data (``σ̂ ≈ 0``) keeps its scale and is only shifted.
+    Like :func:`reset_bn`, the pass normalises with batch statistics, so batches sorted by class
+    are detected and the pass is run again on the samples in a random order.
 
     Parameters
     ----------
@@ -424,7 +404,7 @@ def repair_producers(
     }
     calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
     gm, _ = module_tapped(model, rewrite_outputs=corrections, keep_output=True, **(trace_options or {}))
-    seen = _calibration_pass(model, calib, desc="repair", run=gm)
+    seen = batchnorm_pass(model, calib, desc="repair", run=gm, restart=acc.clear)
     if seen == 0:
         raise MergeError("repair: the calibration data yielded no batch")
     all_reduce_moments(acc)

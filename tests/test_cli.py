@@ -269,3 +269,19 @@ def test_parse_option_and_shape():
     assert parse_option("x=none") == ("x", None)
     assert parse_shape("2,3,64,64") == (2, 3, 64, 64)
     assert parse_shape("2x3x8x8") == (2, 3, 8, 8)
+
+
+def test_imagefolder_data_is_read_in_a_fixed_random_order(tmp_path):
+    """An image folder lists its images class by class; calibration batches of one class spoil
+    BatchNorm statistics estimated in training mode (and --num-batches would see one class)."""
+    from PIL import Image
+
+    from autoalign.cli import make_data
+
+    for c in range(2):
+        (tmp_path / f"class{c}").mkdir()
+        for i in range(8):
+            Image.new("RGB", (4, 4), (255 * c, 0, 0)).save(tmp_path / f"class{c}" / f"{i}.png")
+    labels = [[int(t) for t in y] for _, y in make_data(f"imagefolder:{tmp_path}", batch_size=4)]
+    assert sorted(sum(labels, [])) == [0] * 8 + [1] * 8 and sum(labels, []) != sorted(sum(labels, []))
+    assert labels == [[int(t) for t in y] for _, y in make_data(f"imagefolder:{tmp_path}", batch_size=4)]

@@ -150,50 +150,99 @@ def test_import_autoalign_does_not_import_fusion_bench_and_the_plug_in_is_light(
     subprocess.run([sys.executable, "-c", light], check=True, env=ENV)
 
 
-def test_cli_torchvision_checkpoints_and_image_folder(tmp_path):
-    """The example torchvision pool and image-folder task pool end to end: two resnet18s trained
-    from seeds 0 and 1 on a small generated image folder whose classes differ in colour, merged
-    by the ``fusion_bench`` command, with every model's accuracy and autoalign's report."""
+def test_calibration_loader_reads_the_pool_in_a_fixed_random_order():
+    """An image folder lists its images class by class: single-class calibration batches put the
+    BatchNorm statistics, and the merged resnet18, at chance."""
+    from fusion_bench.modelpool import BaseModelPool
+
+    data = torch.utils.data.TensorDataset(torch.arange(64.0), torch.arange(64) // 16)  # class by class
+    pool = BaseModelPool({"a": torch.nn.Linear(1, 1)}, train_datasets={"calibration": data})
+    batches = [y.tolist() for _, y in fb.AutoAlignAlgorithm(batch_size=16).calibration_loader(pool)]
+    assert all(len(set(b)) > 1 for b in batches) and sorted(sum(batches, [])) == sorted(data.tensors[1].tolist())
+    assert batches == [y.tolist() for _, y in fb.AutoAlignAlgorithm(batch_size=16).calibration_loader(pool)]
+
+
+def _digits_image_folder(root: pathlib.Path, size: int = 16) -> None:
+    """scikit-learn's digits (1,797 8x8 images, 10 classes) as an image folder of RGB PNGs
+    upscaled to ``size`` pixels: 450 in ``val``, the other 1,347 in ``train``."""
     import numpy as np
-    import torchvision
     from PIL import Image
+    from sklearn.datasets import load_digits
 
-    from autoalign.integrations.datasets import image_folder
+    x, y = load_digits(return_X_y=True)
+    order = np.random.default_rng(0).permutation(len(y))
+    for i, k in enumerate(order):
+        folder = root / ("val" if i < 450 else "train") / f"digit{y[k]}"
+        folder.mkdir(parents=True, exist_ok=True)
+        img = Image.fromarray((x[k].reshape(8, 8) / 16 * 255).astype("uint8")).convert("RGB")
+        img.resize((size, size), Image.BILINEAR).save(folder / f"{i}.png")
 
-    rng = np.random.default_rng(0)
-    for split, count in (("train", 24), ("val", 8)):
-        for c in range(2):
-            (tmp_path / split / f"class{c}").mkdir(parents=True)
-            for i in range(count):
-                img = rng.random((32, 32, 3)) * 0.6
-                img[..., 0 if c == 0 else 2] += 0.4  # class 0 reddish, class 1 bluish
-                Image.fromarray((img * 255).astype("uint8")).save(tmp_path / split / f"class{c}" / f"{i}.png")
-    train = image_folder(str(tmp_path / "train"), image_size=32)
-    for seed in (0, 1):
+
+def _train_resnet18(data: torch.utils.data.Dataset, seed: int, epochs: int = 2) -> torch.nn.Module:
+    """A torchvision resnet18 trained from ``seed`` (SGD, one-cycle schedule peaking at 0.02,
+    batches of 32) on one thread, so that the checkpoints are the same wherever the suite runs
+    (tests/conftest.py sets two), then its BatchNorm statistics re-estimated."""
+    import torchvision
+
+    x = torch.stack([data[i][0] for i in range(len(data))])
+    y = torch.tensor([data[i][1] for i in range(len(data))])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
         torch.manual_seed(seed)
-        net = torchvision.models.resnet18(num_classes=2)
-        opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
-        loader = torch.utils.data.DataLoader(train, batch_size=16, shuffle=True, generator=torch.Generator().manual_seed(seed))
+        net = torchvision.models.resnet18(num_classes=10)
+        opt = torch.optim.SGD(net.parameters(), lr=0.02, momentum=0.9, weight_decay=5e-4)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.02, total_steps=epochs * ((len(y) + 31) // 32), pct_start=0.25)
+        g = torch.Generator().manual_seed(seed)
         net.train()
-        for _ in range(8):
-            for x, y in loader:
-                loss = torch.nn.functional.cross_entropy(net(x), y)
+        for _ in range(epochs):
+            order = torch.randperm(len(y), generator=g)
+            for i in range(0, len(y), 32):
+                idx = order[i : i + 32]
+                loss = torch.nn.functional.cross_entropy(net(x[idx]), y[idx])
                 opt.zero_grad()
                 loss.backward()
                 opt.step()
-        autoalign.reset_bn(net, loader)  # BatchNorm statistics of the trained weights (few steps: not yet settled)
-        torch.save(net.state_dict(), tmp_path / f"seed{seed}.pt")
+                sched.step()
+        order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+        return autoalign.reset_bn(net, [(x[order[i : i + 64]], y[order[i : i + 64]]) for i in range(0, len(y), 64)]).eval()
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_cli_torchvision_checkpoints_and_image_folder(tmp_path):
+    """The example torchvision pool and image-folder task pool end to end, on models that learnt
+    something: two resnet18s trained from seeds 0 and 1 on scikit-learn's digits written as an
+    image folder (16 x 16 pixels, 2 epochs), merged with CCA by the ``fusion_bench`` command,
+    against plain averaging of the same checkpoints (``identity``). Chance is 10 %.
+
+    Measured with this recipe over eight seed pairs, (0, 1) ... (14, 15) (torch 2.14.1, one CPU
+    thread; accuracy on the 450 val images): base models 88-95 %, ensemble 92-96 %, CCA 75-89 %,
+    permutation 66-85 %, plain averaging 26-41 %; CCA ahead of plain averaging by 38 to 56
+    points, permutation by 32 to 51. This pair: 91.3 / 88.7 %, CCA 80.9 %, plain averaging 26.7 %."""
+    from autoalign.integrations.datasets import image_folder
+
+    _digits_image_folder(tmp_path)
+    train = image_folder(str(tmp_path / "train"), image_size=16)
+    for seed in (0, 1):
+        torch.save(_train_resnet18(train, seed).state_dict(), tmp_path / f"seed{seed}.pt")
     report = tmp_path / "report.json"
     proc = _fusion_bench([
-        "method=autoalign/permutation", "modelpool=autoalign/torchvision_checkpoints", "taskpool=autoalign/image_folder_accuracy",
-        *(f"modelpool.models.seed{s}.{k}" for s in (0, 1) for k in (f"path={tmp_path / f'seed{s}.pt'}", "num_classes=2")),
-        f"modelpool.train_datasets.calibration.root={tmp_path / 'train'}", "modelpool.train_datasets.calibration.image_size=32",
-        f"taskpool.test_dataset.root={tmp_path / 'val'}", "taskpool.test_dataset.image_size=32", "method.batch_size=4",
-        f"report_save_path={report}",
+        "method=autoalign/cca", "modelpool=autoalign/torchvision_checkpoints", "taskpool=autoalign/image_folder_accuracy",
+        *(f"modelpool.models.seed{s}.path={tmp_path / f'seed{s}.pt'}" for s in (0, 1)),
+        f"modelpool.train_datasets.calibration.root={tmp_path / 'train'}", "modelpool.train_datasets.calibration.image_size=16",
+        f"taskpool.test_dataset.root={tmp_path / 'val'}", "taskpool.test_dataset.image_size=16", f"report_save_path={report}",
     ], tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     data = json.loads(report.read_text())
-    assert data["merged"]["num_samples"] == 16 and 0.0 <= data["merged"]["accuracy"] <= 1.0
-    assert min(data["model/seed0"]["accuracy"], data["model/seed1"]["accuracy"]) >= 0.9, data  # trained
-    assert data["ensemble"]["accuracy"] >= 0.9, data
-    assert "layer4.1.conv1" in data["autoalign"]["points"] and data["autoalign"]["options"]["aligner"] == "permutation"
+    acc = {k: v["accuracy"] for k, v in data.items() if k != "autoalign"}
+    assert data["merged"]["num_samples"] == 450
+    assert min(acc["model/seed0"], acc["model/seed1"]) >= 0.85 and acc["ensemble"] >= 0.9, acc  # trained
+    assert "layer4.1.conv1" in data["autoalign"]["points"] and data["autoalign"]["options"]["aligner"] == "cca"
+    cfg = OmegaConf.load(CONFIG / "modelpool" / "autoalign" / "torchvision_checkpoints.yaml")
+    for s in (0, 1):
+        cfg.models[f"seed{s}"].path = str(tmp_path / f"seed{s}.pt")
+    pool = fb.AutoAlignModelPool(models=cfg.models, train_datasets={"calibration": train})
+    averaged = fb.AutoAlignAlgorithm(aligner="identity", evaluate_inputs=False).run(pool)["merged"]
+    acc["identity"] = fb.AccuracyTaskPool(test_dataset=image_folder(str(tmp_path / "val"), image_size=16)).evaluate(averaged)["accuracy"]
+    assert acc["merged"] >= 0.65 and acc["merged"] >= acc["identity"] + 0.25, acc

@@ -269,6 +269,14 @@ def test_fewer_samples_than_features_warns():
     assert _finite(merged)
 
 
+def test_calibration_batches_sorted_by_class_are_reordered_with_a_warning():
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(128, 4, generator=g), torch.arange(128) // 32  # four classes, class by class
+    with pytest.warns(UserWarning, match=r"reset_bn: the calibration batches are sorted by class \(8 batches\).*estimated again"):
+        merged = autoalign.merge([_mlp(0, bn=True), _mlp(1, bn=True)], [(x[i : i + 16], y[i : i + 16]) for i in range(0, 128, 16)])
+    assert int(merged[1].num_batches_tracked) == 8 and _finite(merged)
+
+
 # --- options ---------------------------------------------------------------------------
 
 

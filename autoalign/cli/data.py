@@ -155,8 +155,9 @@ def _imagefolder_data(
         raise CLIError("--data imagefolder: needs a folder, e.g. imagefolder:data/train")
     if not pathlib.Path(arg).is_dir():
         raise FileNotFoundError(f"image folder {arg!r} does not exist")
+    import torch
     import torchvision
-    from torch.utils.data import DataLoader
+    from torch.utils.data import DataLoader, Subset
     from torchvision import transforms
 
     steps: list[Any] = []
@@ -169,4 +170,7 @@ def _imagefolder_data(
         ds = torchvision.datasets.ImageFolder(arg, transform=transforms.Compose(steps))
     except (FileNotFoundError, RuntimeError) as exc:
         raise CLIError(f"image folder {arg!r}: {exc}") from None
-    return DataLoader(ds, batch_size=batch_size, shuffle=False)
+    # a fixed random order: ImageFolder lists the images class by class, and single-class batches
+    # would both bias --num-batches and spoil BatchNorm statistics estimated in training mode
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0)).tolist()
+    return DataLoader(Subset(ds, order), batch_size=batch_size, shuffle=False)

@@ -128,7 +128,8 @@ class AutoAlignAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
     batch_size : int, default 64
         Calibration batch size.
     num_batches : int, optional
-        Calibration batches read per pass (default: the whole dataset).
+        Calibration batches read per pass (default: the whole dataset, read in a fixed random
+        order, so that the first batches hold every class).
     dataset : str, optional
         The pool's train dataset to calibrate on (default: the first one).
     device : str, optional
@@ -209,7 +210,8 @@ class AutoAlignAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
         return opts
 
     def calibration_loader(self, modelpool: BaseModelPool) -> torch.utils.data.DataLoader:
-        """A DataLoader over the pool's train dataset (``dataset``, default the first one)."""
+        """A DataLoader over the pool's train dataset (``dataset``, default the first one), in a
+        fixed random order (``torch.randperm`` under seed 0)."""
         names = list(modelpool.train_dataset_names)
         if not names:
             raise OptionError("the model pool has no train_datasets: autoalign needs calibration data (modelpool.train_datasets)")
@@ -218,7 +220,11 @@ class AutoAlignAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
             raise OptionError(f"dataset must be one of the pool's train datasets {names}, got {name!r}")
         given = (getattr(modelpool, "_train_datasets", None) or {}).get(name)  # a dataset object, not a config
         data = given if isinstance(given, torch.utils.data.Dataset) else modelpool.load_train_dataset(name)
-        return torch.utils.data.DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
+        # a fixed random order (the same in every pass): an image folder lists its images class by
+        # class, and single-class batches bias num_batches and BatchNorm statistics
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
+        return torch.utils.data.DataLoader(torch.utils.data.Subset(data, order), batch_size=self.batch_size, shuffle=False,
+                                           num_workers=self.num_workers)
 
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> dict[str, Any]:
         """Merge the pool's models.
