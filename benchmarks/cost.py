@@ -205,7 +205,7 @@ def environment(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[st
     -------
     dict
         ``command``, ``date``, ``machine`` (one line), ``cpu``, ``logical_cpus``, ``gpu``,
-        ``torch``, ``torchvision``.
+        ``torch``, ``torchvision``, ``load_average``.
     """
     from benchmarks.merge_accuracy import cpu_name, machine_line
 
@@ -230,6 +230,9 @@ def environment(args: argparse.Namespace, argv: Sequence[str] | None) -> dict[st
         "gpu": torch.cuda.get_device_name() if cuda else None,
         "torch": torch.__version__,
         "torchvision": tv_version,
+        # other work on the machine slows every stage alike but the floor was measured in the same
+        # subprocess: the 1-minute load average at the start tells how busy the machine was
+        "load_average": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
     }
 
 
