@@ -81,7 +81,7 @@ from benchmarks.cost_measure import (  # noqa: E402
     resolve_device,
 )
 from benchmarks.cost_profile import profile_stats  # noqa: E402
-from benchmarks.cost_report import _kilo, plot, plot_stages, to_markdown, torchvision_markdown  # noqa: E402
+from benchmarks.cost_report import kilo, plot, plot_stages, to_markdown, torchvision_markdown  # noqa: E402
 
 __all__ = [
     "PeakMemory", "measure", "measure_torchvision", "profile_stats", "run_all", "run_torchvision",
@@ -141,7 +141,7 @@ def run_all(args: argparse.Namespace, on_row: Callable[[list[dict[str, Any]]], N
                     f"({row['total_over_floor']:5.2f}x) stats={t.get('statistics', 0):7.3f}s ({row['stats_over_floor']:5.2f}x) "
                     f"solve={t.get('solve', 0):7.3f}s apply={t.get('apply', 0):6.3f}s repair={t.get('repair', 0):6.3f}s "
                     f"stats_mem={row['stats_peak_bytes'] / 2**20:7.1f}MiB merge_mem={row['merge_peak_bytes'] / 2**20:7.1f}MiB "
-                    f"faults k floor={_kilo(row.get('floor_minor_faults'))} merge={_kilo(row.get('merge_minor_faults'))}",
+                    f"faults k floor={kilo(row.get('floor_minor_faults'))} merge={kilo(row.get('merge_minor_faults'))}",
                     flush=True,
                 )
                 rows.append(row)

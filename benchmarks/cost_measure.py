@@ -23,7 +23,7 @@ sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 import autoalign  # noqa: E402
 
 __all__ = [
-    "PeakMemory", "MODELS", "TORCHVISION", "make_models", "make_data", "forward_floor", "measure",
+    "PeakMemory", "MODELS", "TORCHVISION", "best_of", "make_models", "make_data", "forward_floor", "measure",
     "make_torchvision", "make_images", "measure_torchvision", "synchronized_stages", "resolve_device",
 ]
 
@@ -116,7 +116,7 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def _best_of(repeats: int, fn: Callable[[], Any], device: str) -> tuple[float, Any]:
+def best_of(repeats: int, fn: Callable[[], Any], device: str) -> tuple[float, Any]:
     best, out = float("inf"), None
     for _ in range(repeats):
         _sync(device)
@@ -191,7 +191,7 @@ def _timed_merge(models: Sequence[torch.nn.Module], data: Sequence[Any], kwargs:
     (``memory``) peak memory, sampled by :class:`PeakMemory`'s thread (else ``peak_bytes`` is None)."""
     with PeakMemory(device) if memory else contextlib.nullcontext() as mem:
         (sec, res), faults = _faults_during(
-            lambda: _best_of(1, lambda: autoalign.merge_with_report(models, data, **kwargs), device))
+            lambda: best_of(1, lambda: autoalign.merge_with_report(models, data, **kwargs), device))
     stages = {k: float(v) for k, v in res.report.timings.items()}
     run = {"seconds": sec, "timings": stages, "other_seconds": sec - sum(stages.values()),
            "peak_bytes": int(mem.peak) if memory else None, "minor_faults": faults}
@@ -201,7 +201,7 @@ def _timed_merge(models: Sequence[torch.nn.Module], data: Sequence[Any], kwargs:
 def _timed_floor(models: Sequence[torch.nn.Module], data: Sequence[Any], device: str) -> dict[str, Any]:
     """One forward floor: seconds, peak memory, minor faults."""
     with PeakMemory(device) as mem:
-        (sec, _), faults = _faults_during(lambda: _best_of(1, lambda: forward_floor(models, data), device))
+        (sec, _), faults = _faults_during(lambda: best_of(1, lambda: forward_floor(models, data), device))
     return {"seconds": sec, "peak_bytes": int(mem.peak), "minor_faults": faults}
 
 
@@ -315,7 +315,7 @@ def measure(
         runs: list[dict[str, Any]] = []
         floor_faults: list[int | None] = []
         for _ in range(repeats):
-            (sec, _), faults = _faults_during(lambda: _best_of(1, lambda: forward_floor(models, data), device))
+            (sec, _), faults = _faults_during(lambda: best_of(1, lambda: forward_floor(models, data), device))
             floors.append(sec)
             floor_faults.append(faults)
             run, res = _timed_merge(models, data, kwargs, device, memory=False)

@@ -11,7 +11,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autoalign  # noqa: E402
-from benchmarks.cost_measure import _best_of, make_data, make_models  # noqa: E402
+from benchmarks.cost_measure import best_of, make_data, make_models  # noqa: E402
 
 __all__ = ["profile_stats"]
 
@@ -43,7 +43,7 @@ def profile_stats(width: int, n: int, aligner: str = "cca", *, samples: int = 50
 
     def timed(fn: Callable[[], Any]) -> float:
         fn()
-        sec, _ = _best_of(3, lambda: [fn() for _ in range(reps)], device)
+        sec, _ = best_of(3, lambda: [fn() for _ in range(reps)], device)
         return 1e3 * sec / reps
 
     acc = torch.zeros(width, width, dtype=torch.float64, device=device)

@@ -8,7 +8,7 @@ from typing import Any, Sequence
 
 from benchmarks.cost_measure import MODELS
 
-__all__ = ["STAGES", "stage_names", "to_markdown", "torchvision_markdown", "plot", "plot_stages"]
+__all__ = ["STAGES", "kilo", "stage_names", "to_markdown", "torchvision_markdown", "plot", "plot_stages"]
 
 #: Stages of ``report.timings`` in pipeline order (others, if any, follow in name order).
 STAGES = ("discover", "statistics", "solve", "apply", "averaging", "repair", "selection")
@@ -26,7 +26,7 @@ def _ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.2f}"
 
 
-def _kilo(runs: Sequence[int | None] | None) -> str:
+def kilo(runs: Sequence[int | None] | None) -> str:
     """Page faults of each run in thousands, e.g. ``0/131/393`` ("–" where not recorded)."""
     if not runs or any(r is None for r in runs):
         return "–"
@@ -88,7 +88,7 @@ def to_markdown(result: dict[str, Any]) -> str:
             f"| {r['stats_over_floor']:.2f} | {_sec(t.get('solve'))} | {_sec(t.get('apply'))} | {_sec(t.get('repair'))} "
             f"| {_sec(r.get('other_seconds'))} | {_mib(r.get('floor_peak_bytes'))} | {_mib(r['stats_peak_bytes'])} "
             f"| {_mib(r['stats_result_bytes'])} | {_mib(r['merge_peak_bytes'])} "
-            f"| {_kilo(r.get('floor_minor_faults'))} | {_kilo(r.get('merge_minor_faults'))} |"
+            f"| {kilo(r.get('floor_minor_faults'))} | {kilo(r.get('merge_minor_faults'))} |"
         )
     return "\n".join(lines) + "\n"
 
