@@ -296,7 +296,10 @@ class ReferenceAligner(PointwiseAligner):
     Implement :meth:`solve_pair`; this class gives the reference the identity,
     gives the identity (with a note) when the reference's or a model's features
     are constant at a point, averages the pair scores and joins the notes. Set
-    the class attribute ``kind`` to what :meth:`solve_pair` returns.
+    the class attribute ``kind`` to what :meth:`solve_pair` returns. What
+    :meth:`solve_pair` derives from the reference alone (a factorisation of its
+    covariance, say) can be kept in :attr:`reference_cache`, which holds for the
+    pairs of one point and is cleared before the next.
 
     Examples
     --------
@@ -314,6 +317,8 @@ class ReferenceAligner(PointwiseAligner):
     """
 
     kind: ClassVar[str] = "linear"
+    #: Per point, what :meth:`solve_pair` computed from the reference alone (cleared per point).
+    reference_cache: dict[str, Any]
 
     def solve_pair(
         self, point: MergePoint, stats: PointStats, ref: int, m: int
@@ -322,6 +327,13 @@ class ReferenceAligner(PointwiseAligner):
         raise NotImplementedError(f"{type(self).__name__} must implement solve_pair(point, stats, ref, m)")
 
     def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
+        self.reference_cache = {}
+        try:
+            return self._solve_pairs(point, stats, problem)
+        finally:
+            self.reference_cache = {}
+
+    def _solve_pairs(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
         assert stats is not None
         ref = problem.reference
         if float(stats.var(ref).sum()) <= 0:

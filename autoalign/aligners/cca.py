@@ -34,7 +34,7 @@ import torch
 
 from ..spec import MergePoint
 from ..stats import PointStats
-from .base import AlignProblem, PointPlan, ReferenceAligner
+from .base import ReferenceAligner
 from .linalg import polar_nearest_identity
 from .registry import register_aligner
 
@@ -182,20 +182,11 @@ class CCAAligner(ReferenceAligner):
         self.ridge = float(ridge)
         self.ridge_mode = ridge_mode
 
-    _x_roots: _Roots | None = None
-
-    def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
-        self._x_roots = None
-        try:
-            return super().solve_point(point, stats, problem)
-        finally:
-            self._x_roots = None
-
     def solve_pair(self, point: MergePoint, stats: PointStats, ref: int, m: int) -> tuple[torch.Tensor, torch.Tensor, float, None]:
         relative = self.ridge_mode == "relative"
-        if self._x_roots is None:  # the reference's roots: once per point (reset in solve_point)
-            self._x_roots = _ridged_roots(stats.cov(ref), self.ridge, relative)
+        if "roots" not in self.reference_cache:  # the reference's roots: once per point
+            self.reference_cache["roots"] = _ridged_roots(stats.cov(ref), self.ridge, relative)
         t, t_inv, rho = cca_transform(
-            stats.cov(ref), stats.cov(m), stats.cov(ref, m), ridge=self.ridge, relative=relative, x_roots=self._x_roots
+            stats.cov(ref), stats.cov(m), stats.cov(ref, m), ridge=self.ridge, relative=relative, x_roots=self.reference_cache["roots"]
         )
         return t, t_inv, float(rho.mean()), None

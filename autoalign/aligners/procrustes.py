@@ -21,7 +21,7 @@ import torch
 
 from ..spec import MergePoint
 from ..stats import PointStats
-from .base import AlignProblem, PointPlan, ReferenceAligner
+from .base import ReferenceAligner
 from .linalg import polar_nearest_identity, psd_noise
 from .lstsq import matched_correlation
 from .registry import register_aligner
@@ -111,25 +111,17 @@ class ProcrustesAligner(ReferenceAligner):
             raise ValueError(f"standardize must be True or False, got {standardize!r}")
         self.standardize = standardize
 
-    _ref_noise: float | None = None
-
-    def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
-        self._ref_noise = None
-        try:
-            return super().solve_point(point, stats, problem)
-        finally:
-            self._ref_noise = None
-
     def solve_pair(
         self, point: MergePoint, stats: PointStats, ref: int, m: int
     ) -> tuple[torch.Tensor, torch.Tensor, float, str | None]:
         cxx, cyy, cxy = stats.cov(ref), stats.cov(m), stats.cov(ref, m)
-        if self._ref_noise is None:  # the reference's rounding level: once per point (reset in solve_point)
-            self._ref_noise = psd_noise(stats.corr(ref, ref) if self.standardize else cxx)
+        if "noise" not in self.reference_cache:  # the reference's rounding level: once per point
+            self.reference_cache["noise"] = psd_noise(stats.corr(ref, ref) if self.standardize else cxx)
+        ref_noise = self.reference_cache["noise"]
         if self.standardize:
-            q, rank = procrustes_transform(stats.corr(ref, m), max(self._ref_noise, psd_noise(stats.corr(m, m))))
+            q, rank = procrustes_transform(stats.corr(ref, m), max(ref_noise, psd_noise(stats.corr(m, m))))
         else:
-            q, rank = procrustes_transform(cxy, max(self._ref_noise, psd_noise(cyy)))
+            q, rank = procrustes_transform(cxy, max(ref_noise, psd_noise(cyy)))
         note = None
         if rank < point.dim:
             note = f"model {m}: cross-covariance of rank {rank} < {point.dim}; on its null space the rotation nearest the identity"
