@@ -161,6 +161,13 @@ def test_calibration_loader_reads_the_pool_in_a_fixed_random_order():
     assert all(len(set(b)) > 1 for b in batches) and sorted(sum(batches, [])) == sorted(data.tensors[1].tolist())
     assert batches == [y.tolist() for _, y in fb.AutoAlignAlgorithm(batch_size=16).calibration_loader(pool)]
 
+    class Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(zip(data.tensors[0], data.tensors[1]))
+
+    pool = BaseModelPool({"a": torch.nn.Linear(1, 1)}, train_datasets={"calibration": Stream()})
+    assert [y.tolist() for _, y in fb.AutoAlignAlgorithm(batch_size=16).calibration_loader(pool)][0] == [0] * 16  # as it comes
+
 
 def _digits_image_folder(root: pathlib.Path, size: int = 16) -> None:
     """scikit-learn's digits (1,797 8x8 images, 10 classes) as an image folder of RGB PNGs

@@ -211,7 +211,8 @@ class AutoAlignAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
 
     def calibration_loader(self, modelpool: BaseModelPool) -> torch.utils.data.DataLoader:
         """A DataLoader over the pool's train dataset (``dataset``, default the first one), in a
-        fixed random order (``torch.randperm`` under seed 0)."""
+        fixed random order (``torch.randperm`` under seed 0) unless it is a stream (an iterable
+        dataset, or one without a length), which is read as it comes."""
         names = list(modelpool.train_dataset_names)
         if not names:
             raise OptionError("the model pool has no train_datasets: autoalign needs calibration data (modelpool.train_datasets)")
@@ -220,11 +221,11 @@ class AutoAlignAlgorithm(SimpleProfilerMixin, BaseAlgorithm):
             raise OptionError(f"dataset must be one of the pool's train datasets {names}, got {name!r}")
         given = (getattr(modelpool, "_train_datasets", None) or {}).get(name)  # a dataset object, not a config
         data = given if isinstance(given, torch.utils.data.Dataset) else modelpool.load_train_dataset(name)
-        # a fixed random order (the same in every pass): an image folder lists its images class by
-        # class, and single-class batches bias num_batches and BatchNorm statistics
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist()
-        return torch.utils.data.DataLoader(torch.utils.data.Subset(data, order), batch_size=self.batch_size, shuffle=False,
-                                           num_workers=self.num_workers)
+        if not isinstance(data, torch.utils.data.IterableDataset) and hasattr(data, "__len__"):
+            # a fixed random order (the same in every pass): an image folder lists its images class
+            # by class, and single-class batches bias num_batches and BatchNorm statistics
+            data = torch.utils.data.Subset(data, torch.randperm(len(data), generator=torch.Generator().manual_seed(0)).tolist())
+        return torch.utils.data.DataLoader(data, batch_size=self.batch_size, shuffle=False, num_workers=self.num_workers)
 
     def run(self, modelpool: BaseModelPool | Mapping[str, nn.Module]) -> dict[str, Any]:
         """Merge the pool's models.
