@@ -317,8 +317,14 @@ class ReferenceAligner(PointwiseAligner):
     """
 
     kind: ClassVar[str] = "linear"
-    #: Per point, what :meth:`solve_pair` computed from the reference alone (cleared per point).
-    reference_cache: dict[str, Any]
+    @property
+    def reference_cache(self) -> dict[str, Any]:
+        """Per point, what :meth:`solve_pair` computed from the reference alone (cleared per
+        point; not an option, so not in the repr)."""
+        cache = self.__dict__.get("_reference_cache")
+        if cache is None:
+            cache = self._reference_cache = {}
+        return cache
 
     def solve_pair(
         self, point: MergePoint, stats: PointStats, ref: int, m: int
@@ -327,11 +333,11 @@ class ReferenceAligner(PointwiseAligner):
         raise NotImplementedError(f"{type(self).__name__} must implement solve_pair(point, stats, ref, m)")
 
     def solve_point(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
-        self.reference_cache = {}
+        self._reference_cache: dict[str, Any] = {}
         try:
             return self._solve_pairs(point, stats, problem)
         finally:
-            self.reference_cache = {}
+            self._reference_cache = {}
 
     def _solve_pairs(self, point: MergePoint, stats: PointStats | None, problem: AlignProblem) -> PointPlan:
         assert stats is not None
