@@ -113,12 +113,17 @@ def repair_measures(model: nn.Module, spec: MergeSpec, al: Aligner, opts: MergeO
         producers, bns = repair_sites(model, spec)
         names = producers + bns
     elif mode == "reset_bn" and opts.batchnorm == "fold" and dense:
-        names = sorted({f.running_mean.rsplit(".", 1)[0] for f in spec.folds if f.weight and f.bias})
+        names = folded_batchnorm_names(spec.folds)
     else:
         return {}
     points, _ = site_points(spec, names)
     kinds = {name: spec.point(pname).kind for name, pname in points.items()}
     return {name: "full" if dense and kind != "permutation" else "diagonal" for name, kind in kinds.items() if kind != "frozen"}
+
+
+def folded_batchnorm_names(folds: Sequence[FoldedNorm]) -> list[str]:
+    """Module names of the affine BatchNorm layers among ``folds`` (sorted)."""
+    return sorted({f.running_mean.rsplit(".", 1)[0] for f in folds if f.weight and f.bias})
 
 
 def state_dicts(models: Sequence[nn.Module]) -> StateDicts:
@@ -153,7 +158,7 @@ class Applied:
     @property
     def folded_names(self) -> list[str]:
         """Module names of the affine BatchNorm layers among the folds."""
-        return sorted({f.running_mean.rsplit(".", 1)[0] for f in self.folds if f.weight and f.bias})
+        return folded_batchnorm_names(self.folds)
 
 
 def apply(sds: StateDicts, spec: MergeSpec, plan: Plan, w: torch.Tensor, batchnorm: str = "fold") -> Applied:
