@@ -19,8 +19,9 @@ from typing import Any, Callable, Mapping, Sequence
 import torch.fx as fx
 from torch import nn
 
-from .errors import MergeError
-from .trace import trace
+from .errors import MergeError, TraceError
+from .trace import is_exported, trace
+from .trace.export import module_output_nodes
 
 __all__ = ["Tap", "insert_taps", "tapped_module", "module_tapped", "feature_module", "module_nodes"]
 
@@ -95,12 +96,20 @@ def insert_taps(
             observers.append(tap)
     out = next(n for n in gm.graph.nodes if n.op == "output")
     if not keep_output:
+        _plain_outputs(gm)
         out.args = (tuple(observers),)
     elif observers:
         out.args = ((out.args[0], tuple(observers)),)  # keep the taps alive next to the real output
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
+
+
+def _plain_outputs(gm: fx.GraphModule) -> None:
+    """Let a graph from ``torch.export`` return what its output node lists, as a plain
+    tuple (its code otherwise rebuilds the model's output object from a fixed structure)."""
+    if is_exported(gm):
+        gm.graph.set_codegen(fx.graph.CodeGen())
 
 
 def tapped_module(
@@ -206,7 +215,14 @@ def module_tapped(
     ([(5, 4)], {'2'})
     """
     outputs, inputs, rewrite_outputs = dict(outputs or {}), dict(inputs or {}), dict(rewrite_outputs or {})
-    gm = trace(model, (), shapes=False, **trace_options)
+    if trace_options.get("tracer", "auto") == "export":
+        return _hooked(model, outputs, inputs, rewrite_outputs, keep_output)
+    try:
+        gm = trace(model, (), shapes=False, **{**trace_options, "tracer": "fx"})
+    except TraceError:
+        if trace_options.get("tracer", "auto") == "fx":
+            raise
+        return _hooked(model, outputs, inputs, rewrite_outputs, keep_output)
     taps: list[tuple[fx.Node, Observer | None, Callable[[str, Any], Any] | None]] = []
     found = set()
     for name in dict.fromkeys([*outputs, *inputs, *rewrite_outputs]):
@@ -235,14 +251,65 @@ def feature_module(model: nn.Module, example_inputs: Any, node_names: Sequence[s
     gm = trace(model, example_inputs, shapes=False, **trace_options)
     nodes = _nodes_of(gm, node_names)
     out = next(n for n in gm.graph.nodes if n.op == "output")
+    _plain_outputs(gm)
     out.args = (tuple(nodes[n] for n in node_names),)
     gm.graph.eliminate_dead_code()
     gm.recompile()
     return gm
 
 
+class _Hooked(nn.Module):
+    """The model itself with taps on submodules by forward hooks, present only during a call.
+
+    What :func:`module_tapped` gives for models that only ``torch.export`` can trace: an
+    exported graph has no module calls to tap and runs in eval mode only, while hooks
+    see every call of the real modules, in training mode too (BatchNorm statistics).
+    """
+
+    def __init__(
+        self, model: nn.Module, outputs: dict[str, Callable[[Any], None]], inputs: dict[str, Callable[[Any], None]],
+        rewrite_outputs: dict[str, Callable[[Any], Any]], keep_output: bool,
+    ) -> None:
+        super().__init__()
+        self.model = model
+        self.taps = (outputs, inputs, rewrite_outputs)
+        self.keep_output = keep_output
+
+    def forward(self, *args: Any) -> Any:
+        outputs, inputs, rewrite_outputs = self.taps
+        handles = []
+        try:
+            for name, fn in inputs.items():
+                handles.append(self.model.get_submodule(name).register_forward_pre_hook(
+                    lambda _m, a, fn=fn: fn(a[0]) and None))
+            for name, fn in outputs.items():
+                handles.append(self.model.get_submodule(name).register_forward_hook(
+                    lambda _m, _a, out, fn=fn: fn(out) and None))
+            for name, fn in rewrite_outputs.items():
+                handles.append(self.model.get_submodule(name).register_forward_hook(
+                    lambda _m, _a, out, fn=fn: fn(out)))
+            out = self.model(*args)
+        finally:
+            for h in handles:
+                h.remove()
+        return out if self.keep_output else None
+
+
+def _hooked(
+    model: nn.Module, outputs: dict[str, Callable[[Any], None]], inputs: dict[str, Callable[[Any], None]],
+    rewrite_outputs: dict[str, Callable[[Any], Any]], keep_output: bool,
+) -> tuple[nn.Module, set[str]]:
+    """:func:`module_tapped` by forward hooks (see :class:`_Hooked`)."""
+    names = dict(model.named_modules())
+    found = {n for n in [*outputs, *inputs, *rewrite_outputs] if n in names}
+    keep = lambda d: {k: v for k, v in d.items() if k in found}  # noqa: E731
+    return _Hooked(model, keep(outputs), keep(inputs), keep(rewrite_outputs), keep_output), found
+
+
 def module_nodes(gm: fx.GraphModule, module_name: str) -> list[fx.Node]:
-    """The nodes of ``gm`` that call the submodule ``module_name`` (one per call).
+    """The nodes of ``gm`` that call the submodule ``module_name`` (one per call); in a
+    graph from ``torch.export``, the nodes whose values leave it
+    (:func:`autoalign.trace.export.module_output_nodes`).
 
     Examples
     --------
@@ -252,4 +319,6 @@ def module_nodes(gm: fx.GraphModule, module_name: str) -> list[fx.Node]:
     >>> [n.name for n in module_nodes(gm, "0")]
     ['_0']
     """
+    if is_exported(gm):
+        return module_output_nodes(gm, module_name)
     return [n for n in gm.graph.nodes if n.op == "call_module" and n.target == module_name]

@@ -30,6 +30,7 @@ from .schemes import SCHEME_FUNCTIONS
 from .select import Selection, heldout_loss, selection_candidates, split_batches
 from .spec import MergeSpec
 from .stages import choose_reference, discover
+from .trace import Tracer
 from .validate import validate_models
 from .vocab import Averaging, BatchNormMode, Features, Precision, Repair, Scheme
 
@@ -55,6 +56,7 @@ def merge(
     input_fn: Callable[[Any], Any] | None = None,
     spec: MergeSpec | None = None,
     progress: bool = False,
+    tracer: Tracer = "auto",
     leaf_modules: Sequence[Any] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     precision: Precision | None = None,
@@ -157,8 +159,12 @@ def merge(
         :class:`~autoalign.progress.Progress` (e.g. a
         :class:`~autoalign.progress.LineProgress` on another stream) is used as is.
         Silent by default; the command line turns it on (``--quiet`` turns it off).
+    tracer : {"auto", "fx", "export"}, default "auto"
+        The front end that turns each model into a graph (see :func:`autoalign.trace`):
+        ``torch.fx`` symbolic tracing, ``torch.export`` (for models fx cannot trace,
+        e.g. Hugging Face transformers), or fx with export as the fallback.
     leaf_modules, autowrap_functions : sequence, optional
-        Tracing escape hatches (see :func:`autoalign.trace`).
+        Tracing escape hatches of symbolic tracing (see :func:`autoalign.trace`).
     precision : {None, "float32", "float64"}, optional
         Precision of the feature products behind the statistics (see
         :func:`autoalign.collect_stats`; always accumulated in float64). Default:

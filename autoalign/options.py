@@ -17,6 +17,7 @@ import torch
 from .calibration import Calibration
 from .errors import OptionError
 from .progress import Progress
+from .trace import TRACERS
 from .validate import validate_options
 from .vocab import AVERAGINGS, BATCHNORMS, FEATURES, REPAIRS, SCHEMES, check_choice, product_dtype_for
 
@@ -42,6 +43,8 @@ class MergeOptions:
         ``progress`` is the display the whole merge reports to (:mod:`autoalign.progress`).
     spec : MergeSpec, optional
         A precomputed spec.
+    tracer : {"auto", "fx", "export"}
+        The front end (:func:`autoalign.trace`).
     leaf_modules, autowrap_functions :
         Tracing escape hatches (:func:`autoalign.trace`).
     precision : {None, "float32", "float64"}
@@ -78,6 +81,7 @@ class MergeOptions:
     input_fn: Callable[[Any], Any] | None = None
     spec: Any = None
     progress: "bool | Progress" = False
+    tracer: str = "auto"
     leaf_modules: Sequence[Any] = ()
     autowrap_functions: Sequence[Callable[..., Any]] = ()
     precision: str | None = None
@@ -98,8 +102,8 @@ class MergeOptions:
 
     @property
     def trace_options(self) -> dict[str, Any]:
-        """``leaf_modules`` and ``autowrap_functions`` for :func:`autoalign.trace`."""
-        return {"leaf_modules": self.leaf_modules, "autowrap_functions": self.autowrap_functions}
+        """``tracer``, ``leaf_modules`` and ``autowrap_functions`` for :func:`autoalign.trace`."""
+        return {"tracer": self.tracer, "leaf_modules": self.leaf_modules, "autowrap_functions": self.autowrap_functions}
 
     @property
     def repair_mode(self) -> str | None:
@@ -120,6 +124,7 @@ class MergeOptions:
         check_choice("scheme", self.scheme, SCHEMES)
         check_choice("batchnorm", self.batchnorm, BATCHNORMS)
         check_choice("features", self.features, FEATURES)
+        check_choice("tracer", self.tracer, TRACERS)
         if self.batchnorm == "transform" and self.repair_mode is None:
             raise OptionError(
                 "batchnorm='transform' multiplies BatchNorm running statistics by dense matrices, which leaves "

@@ -22,7 +22,7 @@ from .graph import registry as rule_registry
 from .graph.discover import find_merge_points
 from .graph.registry import ChannelRule
 from .spec import MergeSpec
-from .trace import as_input_tuple, eval_mode
+from .trace import Tracer, as_input_tuple, eval_mode
 
 __all__ = ["CheckReport", "check", "check_aligner", "permute_model", "random_permutations", "max_output_diff", "isolated_registries"]
 
@@ -136,6 +136,7 @@ def check(
     seed: int = 0,
     spec: MergeSpec | None = None,
     rtol: float = 1e-4,
+    tracer: Tracer = "auto",
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     rules: Mapping[Any, ChannelRule] | None = None,
@@ -154,6 +155,8 @@ def check(
         The spec to check; discovered from ``model`` when omitted.
     rtol : float, default 1e-4
         Tolerance relative to ``max(1, max |output|)``.
+    tracer : {"auto", "fx", "export"}, default "auto"
+        The front end (:func:`autoalign.trace`), passed to :func:`autoalign.find_merge_points`.
     leaf_modules, autowrap_functions : sequence, optional
         Passed to :func:`autoalign.find_merge_points`.
     rules : mapping, optional
@@ -181,7 +184,8 @@ def check(
     """
     if spec is None:
         spec = find_merge_points(
-            model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions, rules=rules
+            model, example_inputs, tracer=tracer, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions,
+            rules=rules,
         )
     permuted = permute_model(model, spec, seed=seed)
     inputs = as_input_tuple(example_inputs)

@@ -204,8 +204,11 @@ class RuleContext:
     # -------------------------------------------------------------- reading
     @property
     def name(self) -> str:
-        """Readable name of the node: the module path for modules, else the node name."""
-        return str(self.node.target) if self.node.op == "call_module" else self.node.name
+        """Readable name of the node: the module path for modules, the path of the module
+        that issued it for nodes of an exported graph, else the node name."""
+        if self.node.op == "call_module":
+            return str(self.node.target)
+        return self.node.meta.get("autoalign_scope") or self.node.name
 
     def describe(self) -> str:
         """The node in one short line for messages: ``%name = what(args)``.
@@ -223,6 +226,11 @@ class RuleContext:
             mod = {"_operator": "operator", "torch._C._nn": "torch.nn.functional", "torch._C._VariableFunctions": "torch"}.get(mod, mod)
             name = getattr(t, "__name__", str(t))
             what = f"{mod}.{name}" if mod else name
+            if isinstance(t, torch._ops.OpOverload):  # an ATen op of an exported graph
+                what = str(t)
+            scope = n.meta.get("autoalign_scope")
+            if scope:
+                what = f"{what} in {scope}"
         elif n.op == "call_method":
             what = f".{n.target}"
         else:

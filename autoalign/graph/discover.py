@@ -22,7 +22,7 @@ import torch.fx as fx
 from torch import nn
 
 from ..spec import MergeSpec
-from ..trace import trace
+from ..trace import Tracer, trace
 from .analyse import analyse
 from .assemble import assemble
 from .registry import ChannelRule, RuleTable, rule_overrides
@@ -67,6 +67,7 @@ def find_merge_points(
     model: nn.Module,
     example_inputs: Any,
     *,
+    tracer: Tracer = "auto",
     leaf_modules: Sequence[type[nn.Module] | str] = (),
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     strict: bool = False,
@@ -82,6 +83,10 @@ def find_merge_points(
     example_inputs : Tensor or tuple
         Positional inputs of one forward call; small inputs suffice, e.g. a
         ``(2, 3, 64, 64)`` batch for an image classifier.
+    tracer : {"auto", "fx", "export"}, default "auto"
+        The front end (:func:`autoalign.trace`): ``torch.fx`` symbolic tracing,
+        ``torch.export`` (Hugging Face transformers and other models fx cannot
+        trace), or fx with export as the fallback.
     leaf_modules, autowrap_functions : sequence, optional
         Passed to :func:`autoalign.trace`.
     strict : bool, default False
@@ -136,5 +141,5 @@ def find_merge_points(
     (('stem', 'conv'), 1, 1.0)
     """
     overrides = rule_overrides(rules)  # checked before tracing
-    gm = trace(model, example_inputs, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
+    gm = trace(model, example_inputs, tracer=tracer, leaf_modules=leaf_modules, autowrap_functions=autowrap_functions)
     return discover(gm, example_inputs, strict=strict, model=model, rules=overrides)

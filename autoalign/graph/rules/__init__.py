@@ -13,6 +13,7 @@ components, merge points and kinds are worked out afterwards
 :mod:`.concat`            ``torch.cat`` / ``torch.stack``
 :mod:`.attention`         matmul, einsum, scaled dot-product attention, MHA
 :mod:`.builtin`           pointwise/structural ops, pooling and resizing
+:mod:`.aten`              the core ATen ops of ``torch.export`` graphs (onto the rules above)
 :mod:`.torchvision`       torchvision's opaque functions (registered lazily)
 ========================  ===================================================
 
@@ -23,7 +24,7 @@ modules above (producers first, the simple ops last).
 from __future__ import annotations
 
 # the imports register the rules; their order is the registration order
-from . import labels, producers, norms, elementwise, reductions, concat, attention, builtin  # noqa: F401  isort: skip
+from . import labels, producers, norms, elementwise, reductions, concat, attention, builtin, aten  # noqa: F401  isort: skip
 from .labels import pointwise, structural, unknown
 from .torchvision import register_torchvision_rules
 

@@ -32,7 +32,7 @@ def _cat(ctx: RuleContext) -> Any:
     ndim = ctx.out.dim()
     dim = dim % ndim
     # stack inserts a new axis ``dim`` into the output: never a feature axis
-    is_stack = ctx.node.target is torch.stack
+    is_stack = ctx.node.target is torch.stack or str(ctx.node.target).startswith("aten.stack")
     vary = set()
     for lab in labs:
         vary |= set(ctx.varying_axes(lab))

@@ -21,7 +21,7 @@ from ..registry import register_channel_rule
 from .labels import unknown
 
 __all__ = [
-    "batchnorm_module", "batchnorm_function", "layernorm_module", "layernorm_function", "groupnorm_module",
+    "batchnorm_module", "batchnorm_like", "batchnorm_function", "layernorm_module", "layernorm_function", "groupnorm_module",
     "groupnorm_function", "instancenorm_module", "prelu_module",
 ]
 
@@ -42,12 +42,18 @@ def batchnorm_module(ctx: RuleContext) -> Any:
     """``nn.BatchNorm*d``: folded into the producer that alone feeds it, else per-channel."""
     m = ctx.module
     assert isinstance(m, nn.modules.batchnorm._BatchNorm)
-    x = ctx.arg(0, "input")
-    lab = ctx.label(x)
     keys = {a: ctx.module_key(a) for a in ("weight", "bias", "running_mean", "running_var")}
+    ctx.touch(ctx.module_key("num_batches_tracked"))
+    return batchnorm_like(ctx, ctx.arg(0, "input"), keys, float(m.eps))
+
+
+def batchnorm_like(ctx: RuleContext, x: Any, keys: dict[str, str | None], eps: float) -> Any:
+    """A BatchNorm of ``x`` along axis 1 with parameters/buffers ``keys`` (``weight``, ``bias``,
+    ``running_mean``, ``running_var``; ``None`` where absent): folded into the producer that
+    alone feeds it when it has running statistics, else per-channel (permutations only)."""
+    lab = ctx.label(x)
     for k in keys.values():
         ctx.touch(k)
-    ctx.touch(ctx.module_key("num_batches_tracked"))
     if lab is None:
         return None
     vec = ctx.channels(lab, 1)
@@ -64,7 +70,7 @@ def batchnorm_module(ctx: RuleContext) -> Any:
         wkey, bkey, _ = prod
         ctx.state.folds.append(
             FoldedNorm(
-                wkey, bkey, keys["weight"], keys["bias"], keys["running_mean"], keys["running_var"], float(m.eps),
+                wkey, bkey, keys["weight"], keys["bias"], keys["running_mean"], keys["running_var"], eps,
                 ctx.state.producer_axes.get(x.name, 0),
             )
         )

@@ -1,4 +1,4 @@
-"""Tracing models into ``torch.fx`` graphs, with shapes propagated.
+"""The ``torch.fx`` front end: symbolic tracing into a graph of modules and functions.
 
 The tracer follows torchvision's ``feature_extraction``: modules from ``torch.nn``
 (except containers) are leaves, the user can add leaves (``leaf_modules``) and
@@ -8,47 +8,16 @@ module that could not be traced.
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 from torch import nn
-from torch.fx.passes.shape_prop import ShapeProp
 
-from .errors import TraceError
+from ..errors import TraceError
+from .common import as_input_tuple, eval_mode, propagate_shapes
 
-__all__ = ["trace", "as_input_tuple", "eval_mode"]
-
-
-def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
-    """Normalise example inputs to a tuple of positional arguments.
-
-    A single tensor becomes a 1-tuple; a list or tuple is taken as the positional
-    arguments.
-    """
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    if isinstance(example_inputs, (list, tuple)):
-        return tuple(example_inputs)
-    raise TypeError(
-        f"example_inputs must be a tensor or a tuple of positional arguments, got {type(example_inputs).__name__}"
-    )
-
-
-@contextlib.contextmanager
-def eval_mode(*models: nn.Module) -> Iterator[None]:
-    """Put modules in eval mode for the duration of the block, then restore every
-    submodule's own ``training`` flag."""
-    saved = [[(m, m.training) for m in model.modules()] for model in models]
-    try:
-        for model in models:
-            model.eval()
-        yield
-    finally:
-        for flags in saved:
-            for m, flag in flags:
-                m.training = flag
+__all__ = ["fx_trace"]
 
 
 class _Tracer(fx.Tracer):
@@ -79,7 +48,7 @@ class _Tracer(fx.Tracer):
         return result
 
 
-def trace(
+def fx_trace(
     model: nn.Module,
     example_inputs: Any,
     *,
@@ -87,7 +56,7 @@ def trace(
     autowrap_functions: Sequence[Callable[..., Any]] = (),
     shapes: bool = True,
 ) -> fx.GraphModule:
-    """Trace ``model`` in eval mode into an ``fx.GraphModule`` with shapes propagated.
+    """Trace ``model`` symbolically in eval mode into an ``fx.GraphModule`` with shapes propagated.
 
     Parameters
     ----------
@@ -116,9 +85,9 @@ def trace(
 
     Examples
     --------
-    >>> import torch, autoalign
+    >>> import torch
     >>> net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU())
-    >>> gm = autoalign.trace(net, torch.randn(2, 4))
+    >>> gm = fx_trace(net, torch.randn(2, 4))
     >>> [n.op for n in gm.graph.nodes]
     ['placeholder', 'call_module', 'call_module', 'output']
     """
@@ -139,33 +108,7 @@ def trace(
                 f"or keep the offending function opaque (autowrap_functions=[...])."
             ) from exc
         gm = fx.GraphModule(tracer.root, graph, cls)
-        if not shapes:
-            return gm
-        try:
-            with torch.no_grad():
-                ShapeProp(gm).propagate(*inputs)
-        except Exception as exc:  # noqa: BLE001
-            node = _failing_node(gm, inputs)
-            raise TraceError(
-                f"could not run the traced {cls} on the example inputs at node {node}: "
-                f"{type(exc).__name__}: {exc}. Check the example inputs' shapes, or mark the module a leaf."
-            ) from exc
+        gm.meta["autoalign_frontend"] = "fx"
+        if shapes:
+            propagate_shapes(gm, inputs, cls)
     return gm
-
-
-def _failing_node(gm: fx.GraphModule, inputs: tuple[Any, ...]) -> str:
-    """Re-run ``gm`` node by node to name the first node that raises."""
-    interp = fx.Interpreter(gm)
-    args = iter(inputs)
-    env: dict[fx.Node, Any] = {}
-    for node in gm.graph.nodes:
-        try:
-            if node.op == "placeholder":
-                env[node] = next(args, None)
-                continue
-            a = fx.node.map_arg(node.args, lambda n: env[n])
-            k = fx.node.map_arg(node.kwargs, lambda n: env[n])
-            env[node] = getattr(interp, node.op)(node.target, a, k)
-        except Exception:  # noqa: BLE001
-            return node.format_node() or node.name
-    return "<unknown>"

@@ -1,0 +1,191 @@
+"""The torch.export front end (issue 20): the same spec as torch.fx where both trace,
+models only export can trace, and the merge invariants through it for every aligner
+and every repair mode on trained BatchNorm nets."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import autoalign
+from autoalign.capture import module_nodes
+from autoalign.trace import trace
+from test_invariants_batchnorm import REPAIRS, TOPOLOGIES, _check_computes, _train
+
+ALIGNERS = autoalign.list_aligners()
+
+
+def spec_key(spec: autoalign.MergeSpec) -> tuple:
+    """Points, every parameter axis position by position, and folds, as comparable data."""
+    names = [p.name for p in spec.points]
+    axes = sorted(
+        (a.tensor, a.axis, a.role, str(a.block), tuple(names[p] if p >= 0 else "-" for p in a.point_of.tolist()),
+         tuple(a.local_of.tolist()))
+        for a in spec.axes
+    )
+    return [(p.name, p.dim, p.kind) for p in spec.points], axes, sorted(map(str, spec.folds))
+
+
+class Attention(nn.Module):
+    """A pre-norm transformer block with a fused qkv projection and F.scaled_dot_product_attention."""
+
+    def __init__(self, d: int = 16, heads: int = 4) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(6, d)
+        self.norm1, self.norm2 = nn.LayerNorm(d), nn.LayerNorm(d)
+        self.qkv, self.proj = nn.Linear(d, 3 * d), nn.Linear(d, d)
+        self.fc1, self.fc2 = nn.Linear(d, 2 * d), nn.Linear(2 * d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.embed(x)
+        b, t, d = h.shape
+        q, k, v = self.qkv(self.norm1(h)).split(d, dim=-1)
+        q, k, v = (z.view(b, t, self.heads, d // self.heads).transpose(1, 2) for z in (q, k, v))
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        h = h + self.proj(a)
+        h = h + self.fc2(F.gelu(self.fc1(self.norm2(h))))
+        return self.head(h.mean(1))
+
+
+class ShapeBranch(nn.Module):
+    """Python control flow on a shape: ``torch.fx`` cannot trace it, ``torch.export`` can."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(1, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.fc1, self.fc2 = nn.Linear(8, 16), nn.Linear(16, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 3:  # accept unbatched images too
+            x = x.unsqueeze(0)
+        h = F.relu(self.bn(self.conv(x))).mean((2, 3))
+        return self.fc2(F.relu(self.fc1(h)))
+
+
+@pytest.mark.parametrize(
+    "make, shape",
+    [(TOPOLOGIES["residual"], (4, 1, 8, 8)), (TOPOLOGIES["depthwise_se"], (4, 1, 8, 8)), (TOPOLOGIES["mlp"], (4, 1, 8, 8)),
+     (Attention, (4, 5, 6))],
+    ids=["residual_bn", "depthwise_se", "mlp_bn", "attention"],
+)
+def test_export_gives_the_fx_spec(make, shape):
+    model, x = make().eval(), torch.randn(*shape)
+    via_fx = autoalign.find_merge_points(model, x, tracer="fx")
+    via_export = autoalign.find_merge_points(model, x, tracer="export")
+    assert spec_key(via_export) == spec_key(via_fx)
+    assert autoalign.check(model, x, spec=via_export).ok
+
+
+def test_export_gives_the_fx_spec_on_resnet18():
+    import torchvision
+
+    from autoalign.examples.zoo import break_symmetry
+
+    model = break_symmetry(torchvision.models.resnet18(num_classes=10)).eval()
+    x = torch.randn(2, 3, 32, 32)
+    via_export = autoalign.find_merge_points(model, x, tracer="export")
+    assert spec_key(via_export) == spec_key(autoalign.find_merge_points(model, x, tracer="fx"))
+    assert via_export.point("conv1").kind == "linear" and len(via_export.folds) == 20
+
+
+def test_auto_falls_back_to_export_when_fx_fails():
+    model, x = ShapeBranch().eval(), torch.randn(4, 1, 8, 8)
+    with pytest.raises(autoalign.TraceError, match="ShapeBranch"):
+        autoalign.trace(model, x, tracer="fx")
+    gm = autoalign.trace(model, x)
+    assert gm.meta["autoalign_frontend"] == "export"
+    report = autoalign.check(model, x)
+    assert report.ok and report.coverage == 1.0
+    assert [p.name for p in report.spec.points] == ["conv", "fc1", "fc2"]
+    assert report.spec.point("conv").kind == "linear" and len(report.spec.folds) == 1
+
+
+def test_exported_graph_runs_any_batch_and_reads_the_models_parameters():
+    model = ShapeBranch().eval()
+    gm = trace(model, torch.randn(2, 1, 8, 8), tracer="export")
+    for n in (1, 7):
+        x = torch.randn(n, 1, 8, 8)
+        torch.testing.assert_close(gm(x), model(x))
+    assert gm.get_parameter("conv.weight") is model.conv.weight
+    assert [n.target for n in module_nodes(gm, "fc1")] == [torch.ops.aten.linear.default]
+
+
+def test_tracer_options_are_checked():
+    model, x = ShapeBranch(), torch.randn(2, 1, 8, 8)
+    with pytest.raises(autoalign.OptionError, match="tracer must be one of"):
+        autoalign.find_merge_points(model, x, tracer="dynamo")
+    with pytest.raises(autoalign.OptionError, match="tracer"):
+        autoalign.merge([model, model], [x], tracer="jit")
+    with pytest.raises(autoalign.OptionError, match="leaf_modules"):
+        autoalign.trace(model, x, tracer="export", leaf_modules=[nn.Conv2d])
+    with pytest.raises(autoalign.TraceError, match="torch.export needs example inputs"):
+        autoalign.trace(model, (), tracer="export")
+
+
+def test_export_failure_names_both_front_ends():
+    class DataDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            if x.dim() == 2 and bool(x.sum() > 0):  # a branch on data: neither front end can follow it
+                return self.fc(x)
+            return -self.fc(x)
+
+    with pytest.raises(autoalign.TraceError, match="torch.export fallback failed too"):
+        autoalign.trace(DataDependent(), torch.randn(2, 4))
+
+
+@pytest.fixture(scope="module")
+def trained_export(digits) -> dict[str, tuple[nn.Module, nn.Module, list, torch.Tensor]]:
+    """Two trained, calibrated models per topology (as in test_invariants_batchnorm)."""
+    x, y = digits
+    xtr, ytr, xte = x[:1200], y[:1200], x[1200:1600]
+    calib = [(xtr[i : i + 512], ytr[i : i + 512]) for i in range(0, 1024, 512)]
+    out = {}
+    for name in ("residual", "mlp"):
+        a, b = (autoalign.reset_bn(_train(TOPOLOGIES[name], s, xtr, ytr), calib).eval() for s in (0, 1))
+        out[name] = (a, b, calib, xte)
+    return out
+
+
+@pytest.fixture(scope="module")
+def digits() -> tuple[torch.Tensor, torch.Tensor]:
+    from autoalign.examples.datasets import load_dataset
+
+    x, y = load_dataset("digits")
+    return (x - x.mean()) / x.std(), y
+
+
+@pytest.mark.parametrize("repair", REPAIRS, ids=str)
+@pytest.mark.parametrize("aligner", ALIGNERS)
+@pytest.mark.parametrize("topology", ["residual", "mlp"])
+def test_merge_invariants_through_export(trained_export, topology, aligner, repair):
+    """``merge([A, A])`` computes ``A`` and ``weights=(1, 0)`` gives ``A`` through the export
+    front end, with BatchNorm folding, reset_bn (training-mode pass on the real modules) and
+    REPAIR (forward hooks); the inputs are not modified."""
+    a, b, calib, x = trained_export[topology]
+    before = {k: v.clone() for k, v in a.state_dict().items()}
+    merged = autoalign.merge([a, copy.deepcopy(a)], calib, aligner=aligner, repair=repair, tracer="export")
+    _check_computes(a, merged, x, repair, f"merge([A, A]) via export, {aligner}, repair={repair}")
+    assert type(merged) is type(a) and list(merged.state_dict()) == list(a.state_dict())
+    merged = autoalign.merge([a, b], calib, aligner=aligner, repair=repair, weights=(1, 0), tracer="export")
+    _check_computes(a, merged, x, repair, f"weights=(1, 0) via export, {aligner}, repair={repair}")
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())
+
+
+def test_export_merge_of_two_models_matches_fx(trained_export):
+    """Where both front ends trace, a merge through either gives the same model."""
+    a, b, calib, x = trained_export["residual"]
+    via_fx = autoalign.merge([a, b], calib, aligner="cca", tracer="fx")
+    via_export = autoalign.merge([a, b], calib, aligner="cca", tracer="export")
+    with torch.no_grad():
+        torch.testing.assert_close(via_export(x), via_fx(x), rtol=1e-4, atol=1e-4)

@@ -1,0 +1,153 @@
+"""Hugging Face transformers through the torch.export front end (issue 20).
+
+Tiny configurations of six architectures, built from their config classes (random
+weights, nothing downloaded): BERT, DistilBERT, RoBERTa, GPT-2 (``Conv1D`` layers
+with transposed weights, tied embeddings), ViT, and a Llama-style decoder (RMSNorm,
+rotary embeddings, SwiGLU, grouped-query attention). Skipped when ``transformers`` is
+not installed; ``make test-transformers`` runs it in its own environment.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+import autoalign
+from autoalign.testing import max_output_diff
+
+T = pytest.importorskip("transformers")
+
+VOCAB = 97
+
+
+def inputs(name: str, seed: int, batch: int = 8) -> torch.Tensor:
+    """Random inputs of one architecture: token ids, or images for ViT."""
+    g = torch.Generator().manual_seed(seed)
+    if name == "vit":
+        return torch.randn(batch, 3, 16, 16, generator=g)
+    return torch.randint(3, VOCAB, (batch, 9), generator=g)
+
+
+def tiny(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
+    """A tiny model of one architecture (``initializer_range`` raised so that outputs are
+    of order one and a wrong spec cannot hide under the tolerance) and example inputs."""
+    torch.manual_seed(seed)
+    init = {"initializer_range": 0.2}
+    tokens = inputs(name, seed, batch=2)
+    if name == "bert":
+        cfg = T.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                           intermediate_size=64, max_position_embeddings=32, num_labels=3, **init)
+        return T.BertForSequenceClassification(cfg).eval(), tokens
+    if name == "distilbert":
+        cfg = T.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                 max_position_embeddings=32, num_labels=3, **init)
+        return T.DistilBertForSequenceClassification(cfg).eval(), tokens
+    if name == "roberta":
+        cfg = T.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                              intermediate_size=64, max_position_embeddings=40, num_labels=3, **init)
+        return T.RobertaForSequenceClassification(cfg).eval(), tokens
+    if name == "gpt2":
+        cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=1,
+                           eos_token_id=2, **init)
+        return T.GPT2LMHeadModel(cfg).eval(), tokens
+    if name == "vit":
+        cfg = T.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                          num_attention_heads=4, intermediate_size=64, num_labels=3, **init)
+        return T.ViTForImageClassification(cfg).eval(), inputs(name, seed, batch=2)
+    if name == "llama":
+        cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32, bos_token_id=1,
+                            eos_token_id=2, **init)
+        return T.LlamaForCausalLM(cfg).eval(), tokens
+    raise ValueError(name)
+
+
+ARCHITECTURES = ["bert", "distilbert", "roberta", "gpt2", "vit", "llama"]
+
+
+def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_symbolic_tracing_fails_and_check_passes_through_export(name):
+    model, x = tiny(name)
+    with pytest.raises(autoalign.TraceError):
+        autoalign.trace(model, x, tracer="fx")
+    report = autoalign.check(model, x)
+    assert report.ok, str(report)
+    assert report.output_scale > 0.1  # outputs of order one: a wrong spec could not pass
+    if name == "llama":
+        # rotary embeddings multiply each query/key coordinate by a position-dependent cos/sin:
+        # no permutation or dense map of those coordinates commutes with that, so they stay
+        # frozen; everything else (residual stream, values, SwiGLU) is aligned
+        frozen = [p for p in report.spec.points if p.kind == "frozen" and not p.io]
+        assert frozen and all(".q_proj" in p.name or ".k_proj" in p.name for p in frozen)
+        assert report.coverage >= 0.65
+    else:
+        assert report.coverage >= 0.9, report.spec.table()
+
+
+def test_attention_is_head_aware():
+    model, x = tiny("bert")
+    spec = autoalign.find_merge_points(model, x)
+    layer = "bert.encoder.layer.0.attention.self"
+    q = [p for p in spec.points if p.name.startswith(f"{layer}.query")]
+    v = [p for p in spec.points if p.name.startswith(f"{layer}.value")]
+    assert [(p.dim, p.kind) for p in q] == [(8, "orthogonal")] * 4  # per head: q and k share an orthogonal map
+    assert [(p.dim, p.kind) for p in v] == [(8, "linear")] * 4  # per head: v and o's columns, any invertible map
+    stream = spec.point("bert.embeddings.word_embeddings")
+    assert stream.kind == "permutation" and "LayerNorm" in stream.reason
+    assert spec.point("bert.encoder.layer.0.intermediate.dense").kind == "linear"
+
+
+def test_gpt2_conv1d_weights_are_transposed_producers():
+    model, x = tiny("gpt2")
+    spec = autoalign.find_merge_points(model, x)
+    roles = {(a.tensor, a.axis): a.role for a in spec.axes}
+    assert roles[("transformer.h.0.mlp.c_fc.weight", 1)] == "output"  # Conv1D holds (in, out)
+    assert roles[("transformer.h.0.mlp.c_fc.weight", 0)] == "input"
+
+
+def test_kv_cache_is_turned_off_only_while_exporting():
+    model, x = tiny("llama")
+    assert model.config.use_cache is True
+    autoalign.find_merge_points(model, x)
+    assert model.config.use_cache is True
+
+
+@pytest.mark.parametrize("name", ARCHITECTURES)
+def test_merge_runs_end_to_end(name):
+    """``merge([A, A])`` computes ``A``; ``merge([A, B])`` returns a model of the class, keys and
+    tied weights of the inputs, which are not modified."""
+    a, x = tiny(name, seed=0)
+    b, _ = tiny(name, seed=1)
+    data = [inputs(name, seed=s) for s in range(2, 6)]
+    before = copy.deepcopy(a.state_dict())
+    same = autoalign.merge([a, copy.deepcopy(a)], data, aligner="cca")
+    diff, scale = max_output_diff(logits(a, x), logits(same, x))
+    assert diff <= 1e-4 * max(1.0, scale), f"merge([A, A]) is {diff:.3g} off (scale {scale:.3g})"
+    merged = autoalign.merge([a, b], data, aligner="cca")
+    assert type(merged) is type(a) and list(merged.state_dict()) == list(a.state_dict())
+    assert torch.isfinite(logits(merged, x)).all()
+    assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())
+    if name == "gpt2":
+        assert merged.lm_head.weight is merged.transformer.wte.weight
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("repair", [None, "repair"], ids=str)
+@pytest.mark.parametrize("aligner", autoalign.list_aligners())
+def test_every_aligner_and_repair_mode_keeps_a_copy(aligner, repair):
+    """Every aligner under every repair mode that applies (no BatchNorm: none and REPAIR)
+    gives ``merge([A, A]) == A`` on DistilBERT and GPT-2."""
+    for name in ("distilbert", "gpt2"):
+        a, x = tiny(name)
+        data = [inputs(name, seed=s) for s in range(2, 6)]
+        same = autoalign.merge([a, copy.deepcopy(a)], data, aligner=aligner, repair=repair)
+        diff, scale = max_output_diff(logits(a, x), logits(same, x))
+        tol = (1e-4 if repair is None else 2e-3) * max(1.0, scale)
+        assert diff <= tol, f"{name}, {aligner}, repair={repair}: merge([A, A]) is {diff:.3g} off (scale {scale:.3g})"
