@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DOCS_STAMP := $(VENV)/.docs-installed
 
-.PHONY: demo test test-zoo test-all test-install test-fusion-bench install docs clean
+.PHONY: demo test test-zoo test-all test-install test-fusion-bench test-transformers install docs clean
 
 $(STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -67,5 +67,22 @@ $(FB_STAMP): pyproject.toml constraints.txt
 test-fusion-bench: $(FB_STAMP)
 	HF_HUB_OFFLINE=1 $(FB_PY) -m pytest -q tests/test_fusion_bench.py tests/test_docstrings.py -k "fusion_bench or integrations"
 
+# Hugging Face transformers and timm through the torch.export front end: their own virtual
+# environment (the `transformers` and `timm` extras), then their tests (models built from config
+# classes, nothing downloaded); the timm zoo sample is in `make test-zoo` of this environment
+TF_VENV ?= .venv-tf
+TF_PY := $(TF_VENV)/bin/python
+TF_STAMP := $(TF_VENV)/.installed
+
+$(TF_STAMP): pyproject.toml constraints.txt
+	test -x $(TF_PY) || $(PYTHON) -m venv $(TF_VENV)
+	$(TF_PY) -m pip install --quiet --upgrade pip
+	$(TF_PY) -m pip install --quiet -c constraints.txt torch torchvision
+	$(TF_PY) -m pip install --quiet -c constraints.txt -e ".[dev,transformers,timm]"
+	touch $(TF_STAMP)
+
+test-transformers: $(TF_STAMP)
+	HF_HUB_OFFLINE=1 $(TF_PY) -m pytest -q -m "not zoo" tests/test_transformers.py $(wildcard tests/test_timm_zoo.py)
+
 clean:
-	rm -rf $(VENV) $(FB_VENV) build *.egg-info
+	rm -rf $(VENV) $(FB_VENV) $(TF_VENV) build *.egg-info

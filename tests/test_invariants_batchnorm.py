@@ -121,7 +121,7 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def _train(cls: type[nn.Module], seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+def train_model(cls: type[nn.Module], seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
     torch.manual_seed(seed)
     model = cls()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
@@ -145,12 +145,12 @@ def trained(digits) -> dict[str, tuple[nn.Module, nn.Module, list, torch.Tensor]
     calib = [(xtr[i : i + 512], ytr[i : i + 512]) for i in range(0, 1024, 512)]
     out = {}
     for name, cls in TOPOLOGIES.items():
-        a, b = (autoalign.reset_bn(_train(cls, s, xtr, ytr), calib).eval() for s in (0, 1))
+        a, b = (autoalign.reset_bn(train_model(cls, s, xtr, ytr), calib).eval() for s in (0, 1))
         out[name] = (a, b, calib, xte)
     return out
 
 
-def _check_computes(model: nn.Module, merged: nn.Module, x: torch.Tensor, repair: str | None, what: str) -> None:
+def check_computes(model: nn.Module, merged: nn.Module, x: torch.Tensor, repair: str | None, what: str) -> None:
     with torch.no_grad():
         want, got = model.eval()(x), merged.eval()(x)
     diff, scale = max_output_diff(want, got)
@@ -169,10 +169,10 @@ def _check_computes(model: nn.Module, merged: nn.Module, x: torch.Tensor, repair
 def test_merging_copies_and_weighting_the_reference_compute_it(trained, topology, aligner, repair):
     a, b, calib, x = trained[topology]
     merged = autoalign.merge([a, copy.deepcopy(a), copy.deepcopy(a)], calib, aligner=aligner, repair=repair)
-    _check_computes(a, merged, x, repair, f"merge([A] * 3), {aligner}, repair={repair}")
+    check_computes(a, merged, x, repair, f"merge([A] * 3), {aligner}, repair={repair}")
     assert type(merged) is type(a) and list(merged.state_dict()) == list(a.state_dict())
     merged = autoalign.merge([a, b], calib, aligner=aligner, repair=repair, weights=(1, 0))
-    _check_computes(a, merged, x, repair, f"weights=(1, 0), {aligner}, repair={repair}")
+    check_computes(a, merged, x, repair, f"weights=(1, 0), {aligner}, repair={repair}")
 
 
 @pytest.mark.parametrize("aligner", ALIGNERS)
@@ -211,7 +211,7 @@ def test_merged_batchnorms_carry_a_scale_and_statistics(trained, topology):
             assert not torch.allclose(bn.weight, torch.ones_like(bn.weight), atol=1e-3), (repair, name)
         if repair is not None:
             again = autoalign.reset_bn(copy.deepcopy(merged), calib)
-            _check_computes(merged, again, x, "reset_bn", f"reset_bn after a cca merge (repair={repair})")
+            check_computes(merged, again, x, "reset_bn", f"reset_bn after a cca merge (repair={repair})")
 
 
 def test_authors_batchnorm_transform_multiplies_the_vectors_and_resets(trained):
@@ -220,7 +220,7 @@ def test_authors_batchnorm_transform_multiplies_the_vectors_and_resets(trained):
     a, b, calib, x = trained["residual"]
     result = autoalign.merge_with_report([a, copy.deepcopy(a)], calib, aligner="cca", batchnorm="transform")
     assert result.report.folded_batchnorms == 0 and result.report.repair == "reset_bn"
-    _check_computes(a, result.model, x, "reset_bn", "merge([A, A], batchnorm='transform')")
+    check_computes(a, result.model, x, "reset_bn", "merge([A, A], batchnorm='transform')")
     merged = autoalign.merge_with_report([a, b], calib, aligner="cca", batchnorm="transform", repair="reset_bn")
     plan = merged.plan.points["block1.conv1"]
     bn = merged.model.block1.bn1
@@ -239,7 +239,7 @@ def test_preactivation_features_keep_the_invariants(trained, topology, aligner):
     (a BatchNorm node, not the raw convolution); copies still merge exactly and align to the identity."""
     a, b, calib, x = trained[topology]
     result = autoalign.merge_with_report([a, copy.deepcopy(a)], calib, aligner=aligner, repair=None, features="preactivation")
-    _check_computes(a, result.model, x, None, f"merge([A, A]), {aligner}, features='preactivation'")
+    check_computes(a, result.model, x, None, f"merge([A, A]), {aligner}, features='preactivation'")
     spec = result.spec
     bn_outputs = {f.running_mean.rsplit(".", 1)[0].replace(".", "_") for f in spec.folds}
     observed = {s.node for p in spec.points if p.kind != "frozen" for s in p.sites}
@@ -249,7 +249,7 @@ def test_preactivation_features_keep_the_invariants(trained, topology, aligner):
         err = float((pp.merges[1].double() - torch.eye(pp.merges[1].shape[0], dtype=torch.float64)).abs().max())
         assert err <= 1e-8, f"{aligner}: merge matrix at {name!r} is {err:.3g} from the identity"
     merged = autoalign.merge([a, b], calib, aligner=aligner, repair=None, features="preactivation", weights=(1, 0))
-    _check_computes(a, merged, x, None, f"weights=(1, 0), {aligner}, features='preactivation'")
+    check_computes(a, merged, x, None, f"weights=(1, 0), {aligner}, features='preactivation'")
 
 
 def test_features_option_is_checked(trained):
@@ -266,7 +266,7 @@ def test_fact1_default_merge_of_a_model_and_its_copy_computes_it(trained):
     a, _, calib, x = trained["residual"]
     for aligner in ("cca", "procrustes"):
         merged = autoalign.merge([a, copy.deepcopy(a)], calib, aligner=aligner)
-        _check_computes(a, merged, x, "reset_bn", f"merge([A, A], aligner={aligner!r}) with the default repair")
+        check_computes(a, merged, x, "reset_bn", f"merge([A, A], aligner={aligner!r}) with the default repair")
 
 
 def test_fact2_reestimating_statistics_after_a_folding_merge_keeps_the_function(trained):
@@ -278,7 +278,7 @@ def test_fact2_reestimating_statistics_after_a_folding_merge_keeps_the_function(
     assert not torch.allclose(bn.weight, torch.ones_like(bn.weight))
     assert not torch.allclose(bn.running_var, torch.ones_like(bn.running_var))
     autoalign.reset_bn(merged, calib)
-    _check_computes(a, merged, x, "reset_bn", "reset_bn(merge([A, A], repair=None))")
+    check_computes(a, merged, x, "reset_bn", "reset_bn(merge([A, A], repair=None))")
 
 
 def _by_class(calib: list) -> list:
@@ -300,7 +300,7 @@ def test_merge_of_a_model_and_its_copy_on_batches_sorted_by_class_computes_it(tr
     a, _, calib, x = trained[topology]
     with pytest.warns(UserWarning, match="sorted by class"):
         merged = autoalign.merge([a, copy.deepcopy(a)], _by_class(calib), aligner="cca", repair=repair)
-    _check_computes(a, merged, x, repair, f"merge([A, A]) on batches sorted by class, repair={repair}")
+    check_computes(a, merged, x, repair, f"merge([A, A]) on batches sorted by class, repair={repair}")
 
 
 @pytest.mark.parametrize("name", ["mobilenet_v2"])

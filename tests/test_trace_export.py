@@ -14,7 +14,7 @@ from torch import nn
 import autoalign
 from autoalign.capture import module_nodes
 from autoalign.trace import trace
-from test_invariants_batchnorm import REPAIRS, TOPOLOGIES, _check_computes, _train
+from test_invariants_batchnorm import REPAIRS, TOPOLOGIES, check_computes, train_model
 
 ALIGNERS = autoalign.list_aligners()
 
@@ -152,7 +152,7 @@ def trained_export(digits) -> dict[str, tuple[nn.Module, nn.Module, list, torch.
     calib = [(xtr[i : i + 512], ytr[i : i + 512]) for i in range(0, 1024, 512)]
     out = {}
     for name in ("residual", "mlp"):
-        a, b = (autoalign.reset_bn(_train(TOPOLOGIES[name], s, xtr, ytr), calib).eval() for s in (0, 1))
+        a, b = (autoalign.reset_bn(train_model(TOPOLOGIES[name], s, xtr, ytr), calib).eval() for s in (0, 1))
         out[name] = (a, b, calib, xte)
     return out
 
@@ -175,10 +175,10 @@ def test_merge_invariants_through_export(trained_export, topology, aligner, repa
     a, b, calib, x = trained_export[topology]
     before = {k: v.clone() for k, v in a.state_dict().items()}
     merged = autoalign.merge([a, copy.deepcopy(a)], calib, aligner=aligner, repair=repair, tracer="export")
-    _check_computes(a, merged, x, repair, f"merge([A, A]) via export, {aligner}, repair={repair}")
+    check_computes(a, merged, x, repair, f"merge([A, A]) via export, {aligner}, repair={repair}")
     assert type(merged) is type(a) and list(merged.state_dict()) == list(a.state_dict())
     merged = autoalign.merge([a, b], calib, aligner=aligner, repair=repair, weights=(1, 0), tracer="export")
-    _check_computes(a, merged, x, repair, f"weights=(1, 0) via export, {aligner}, repair={repair}")
+    check_computes(a, merged, x, repair, f"weights=(1, 0) via export, {aligner}, repair={repair}")
     assert all(torch.equal(before[k], v) for k, v in a.state_dict().items())
 
 

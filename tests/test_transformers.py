@@ -15,56 +15,12 @@ import pytest
 import torch
 
 import autoalign
+from autoalign.examples.transformers import TINY_TRANSFORMERS, tiny_inputs as inputs, tiny_transformer as tiny
 from autoalign.testing import max_output_diff
 
 T = pytest.importorskip("transformers")
 
-VOCAB = 97
-
-
-def inputs(name: str, seed: int, batch: int = 8) -> torch.Tensor:
-    """Random inputs of one architecture: token ids, or images for ViT."""
-    g = torch.Generator().manual_seed(seed)
-    if name == "vit":
-        return torch.randn(batch, 3, 16, 16, generator=g)
-    return torch.randint(3, VOCAB, (batch, 9), generator=g)
-
-
-def tiny(name: str, seed: int = 0) -> tuple[torch.nn.Module, torch.Tensor]:
-    """A tiny model of one architecture (``initializer_range`` raised so that outputs are
-    of order one and a wrong spec cannot hide under the tolerance) and example inputs."""
-    torch.manual_seed(seed)
-    init = {"initializer_range": 0.2}
-    tokens = inputs(name, seed, batch=2)
-    if name == "bert":
-        cfg = T.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                           intermediate_size=64, max_position_embeddings=32, num_labels=3, **init)
-        return T.BertForSequenceClassification(cfg).eval(), tokens
-    if name == "distilbert":
-        cfg = T.DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=64,
-                                 max_position_embeddings=32, num_labels=3, **init)
-        return T.DistilBertForSequenceClassification(cfg).eval(), tokens
-    if name == "roberta":
-        cfg = T.RobertaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                              intermediate_size=64, max_position_embeddings=40, num_labels=3, **init)
-        return T.RobertaForSequenceClassification(cfg).eval(), tokens
-    if name == "gpt2":
-        cfg = T.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=32, bos_token_id=1,
-                           eos_token_id=2, **init)
-        return T.GPT2LMHeadModel(cfg).eval(), tokens
-    if name == "vit":
-        cfg = T.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                          num_attention_heads=4, intermediate_size=64, num_labels=3, **init)
-        return T.ViTForImageClassification(cfg).eval(), inputs(name, seed, batch=2)
-    if name == "llama":
-        cfg = T.LlamaConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                            num_key_value_heads=2, intermediate_size=64, max_position_embeddings=32, bos_token_id=1,
-                            eos_token_id=2, **init)
-        return T.LlamaForCausalLM(cfg).eval(), tokens
-    raise ValueError(name)
-
-
-ARCHITECTURES = ["bert", "distilbert", "roberta", "gpt2", "vit", "llama"]
+ARCHITECTURES = list(TINY_TRANSFORMERS)
 
 
 def logits(model: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:

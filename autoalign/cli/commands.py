@@ -41,7 +41,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     shape = parse_shape(args.input_shape) if args.input_shape else None
     model, x = inspect_target(args.model, shape, args.seed)
     t0 = time.perf_counter()
-    spec = find_merge_points(model, x, leaf_modules=tuple(args.leaf_module), strict=args.strict)
+    spec = find_merge_points(model, x, tracer=args.tracer, leaf_modules=tuple(args.leaf_module), strict=args.strict)
     t_discover = time.perf_counter() - t0
     print(spec.table())
     print()
@@ -158,7 +158,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
     opts = MergeOptions.from_kwargs(
         **options, aligner=args.aligner, reference=reference,
         repair=None if args.repair == "none" else args.repair, batchnorm=args.batchnorm, features=args.features,
-        scheme=args.scheme, num_batches=args.num_batches, device=args.device, progress=progress,
+        scheme=args.scheme, num_batches=args.num_batches, device=args.device, progress=progress, tracer=args.tracer,
         precision=args.precision,
     )
     opts.check(len(args.checkpoint))

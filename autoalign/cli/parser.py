@@ -202,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", metavar="OUT", default=None, help="also write the spec as JSON to this file")
     p.add_argument("--strict", action="store_true", help="fail at the first op without a channel rule instead of freezing what it touches")
     p.add_argument("--no-check", action="store_true", help="skip the self-check")
+    p.add_argument("--tracer", choices=("auto", "fx", "export"), default="auto",
+                   help="front end that turns the model into a graph: torch.fx symbolic tracing, torch.export "
+                        "(models fx cannot trace, e.g. Hugging Face transformers), or auto: fx, then export if fx fails")
     p.add_argument("--leaf-module", metavar="NAME", action="append", default=[],
                    help="keep this submodule (qualified name) opaque when tracing; repeatable")
     p.add_argument("--seed", type=int, default=0, help="seed of the example input and of the self-check permutations")
@@ -268,6 +271,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scheme", choices=("all_to_one", "iterative"), default="all_to_one",
                    help="all_to_one aligns every model to the reference once; iterative re-aligns to the merged model "
                         "until the plan settles (aligners that align to a reference: cca, permutation, ot)")
+    p.add_argument("--tracer", choices=("auto", "fx", "export"), default="auto",
+                   help="front end that turns the model into a graph: torch.fx symbolic tracing, torch.export "
+                        "(models fx cannot trace, e.g. Hugging Face transformers), or auto: fx, then export if fx fails")
     p.add_argument("--out", required=True, metavar="FILE", help="where to write the merged checkpoint")
     p.add_argument("--device", default=None, metavar="DEVICE", help="compute device, e.g. cpu or cuda (default: where the models are loaded, the cpu)")
     p.add_argument("--quiet", dest="progress", action="store_false", default=True,

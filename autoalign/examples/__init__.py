@@ -7,6 +7,8 @@
     ``autoalign demo``: train small networks from different seeds and merge them.
 :mod:`autoalign.examples.zoo`
     small example inputs for torchvision's classifiers (``autoalign inspect``, tests).
+:mod:`autoalign.examples.transformers`
+    tiny Hugging Face transformers from config classes (the ``transformers`` extra).
 
 Nothing is imported here: each submodule is imported when it is used.
 """

@@ -85,13 +85,13 @@ _register(("constant_pad_nd", "pad"), _constant_pad)
 
 # --------------------------------------------------------------------------- elementwise
 _register(("add.Tensor", "add_.Tensor", "add.Scalar", "sub.Tensor", "sub_.Tensor", "sub.Scalar", "rsub"),
-          elementwise._elementwise("add"))
+          elementwise.elementwise_rule("add"))
 _register(("mul.Tensor", "mul_.Tensor", "mul.Scalar", "div.Tensor", "div_.Tensor", "div.Tensor_mode", "div.Scalar"),
-          elementwise._elementwise("mul"))
+          elementwise.elementwise_rule("mul"))
 
 # --------------------------------------------------------------------------- reductions, softmax, products
 _register(("mean.dim", "mean.default", "sum.dim_IntList", "sum.default", "amax", "amin", "std.correction", "std.dim",
-           "var.correction", "var.dim", "logsumexp"), reductions._reduction)
+           "var.correction", "var.dim", "logsumexp"), reductions.reduction_rule)
 
 
 def _reduce_all(ctx: RuleContext) -> Any:
@@ -114,7 +114,7 @@ def _vector_norm(ctx: RuleContext) -> Any:
     if lab is None or not isinstance(ctx.out, torch.Tensor):
         return None
     order = ctx.value(ctx.arg(1, "ord", 2))
-    dims = reductions._dims(ctx.value(ctx.arg(2, "dim", None)), lab.dim())
+    dims = reductions.reduction_dims(ctx.value(ctx.arg(2, "dim", None)), lab.dim())
     dims = list(range(lab.dim())) if not dims else dims
     if set(ctx.varying_axes(lab)) & set(dims):
         ctx.restrict(lab, "orthogonal" if order == 2 else "permutation", f"{ctx.describe()}: norm across feature channels")
@@ -123,23 +123,23 @@ def _vector_norm(ctx: RuleContext) -> Any:
 
 
 _register(("linalg_vector_norm",), _vector_norm)
-_register(("softmax.int", "_softmax", "log_softmax.int", "_log_softmax"), reductions._softmax)
-_register(("matmul", "bmm", "mm"), attention._matmul)
-_register(("einsum",), attention._einsum)
-_register(("scaled_dot_product_attention",), attention._sdpa)
-_register(("cat", "stack"), concat._cat)
+_register(("softmax.int", "softmax_rule", "log_softmax.int", "_log_softmax"), reductions.softmax_rule)
+_register(("matmul", "bmm", "mm"), attention.matmul_rule)
+_register(("einsum",), attention.einsum_rule)
+_register(("scaled_dot_product_attention",), attention.sdpa_rule)
+_register(("cat", "stack"), concat.cat_rule)
 
 # --------------------------------------------------------------------------- pooling and resizing
 for _k in (1, 2, 3):
     _register((f"max_pool{_k}d", f"avg_pool{_k}d", f"adaptive_avg_pool{_k}d", f"_adaptive_avg_pool{_k}d"),
-              builtin._spatial(_k))
+              builtin.spatial_rule(_k))
 _register(("upsample_nearest1d", "upsample_nearest2d", "upsample_nearest3d", "upsample_bilinear2d",
-           "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d"), builtin._resize)
+           "upsample_bicubic2d", "upsample_linear1d", "upsample_trilinear3d"), builtin.resize_rule)
 
 # --------------------------------------------------------------------------- producers
 _register(("linear",), producers.linear_function)
-_register(("conv1d", "conv2d", "conv3d"), producers._conv_function(False))
-_register(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), producers._conv_function(True))
+_register(("conv1d", "conv2d", "conv3d"), producers.conv_function_rule(False))
+_register(("conv_transpose1d", "conv_transpose2d", "conv_transpose3d"), producers.conv_function_rule(True))
 
 
 def _convolution(ctx: RuleContext) -> Any:
@@ -150,7 +150,7 @@ def _convolution(ctx: RuleContext) -> Any:
     if wkey is None or (isinstance(b, fx.Node) and bkey is None):
         return unknown(ctx, f"{ctx.describe()}: convolution whose weight or bias is not a parameter")
     transposed, groups = bool(ctx.value(ctx.arg(6, "transposed"))), int(ctx.value(ctx.arg(8, "groups")))
-    return producers._conv_like(ctx, ctx.arg(0, "input"), wkey, bkey, ctx.value(w).shape, groups, transposed)
+    return producers.conv_like(ctx, ctx.arg(0, "input"), wkey, bkey, ctx.value(w).shape, groups, transposed)
 
 
 _register(("convolution",), _convolution)
@@ -177,7 +177,7 @@ def _addmm(ctx: RuleContext) -> Any:
     bias, x, w = ctx.arg(0, "self"), ctx.arg(1, "mat1"), ctx.arg(2, "mat2")
     wkey = ctx.param_key(w)
     if wkey is None or ctx.state.origins[w].index is not None:
-        return attention._matmul(ctx) if ctx.param_key(bias) is None and ctx.label(bias) is None else unknown(ctx)
+        return attention.matmul_rule(ctx) if ctx.param_key(bias) is None and ctx.label(bias) is None else unknown(ctx)
     bkey = ctx.param_key(bias) if isinstance(bias, fx.Node) else None
     vb = ctx.value(bias)
     if bkey is None or ctx.state.origins[bias].index is not None or vb.dim() != 1:
@@ -207,7 +207,7 @@ def _batch_norm(ctx: RuleContext) -> Any:
     """``aten.batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, cudnn)``:
     folded into the producer that alone feeds it when it normalises with running statistics,
     else per-channel (as the ``nn.BatchNorm*d`` rule)."""
-    keys = norms._functional_keys(ctx, ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")))
+    keys = norms.functional_keys(ctx, ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")))
     if keys is None:
         return unknown(ctx, f"{ctx.describe()}: batch_norm statistics are not parameters/buffers")
     named = dict(zip(("weight", "bias", "running_mean", "running_var"), keys))
@@ -230,7 +230,7 @@ def _rms_norm(ctx: RuleContext) -> Any:
     weight (permutations); without a weight an orthogonal map keeps the norm."""
     lab = ctx.label(ctx.arg(0, "input"))
     shape = ctx.value(ctx.arg(1, "normalized_shape"))
-    keys = norms._functional_keys(ctx, ((2, "weight"),))
+    keys = norms.functional_keys(ctx, ((2, "weight"),))
     if keys is None:
         return unknown(ctx, f"{ctx.describe()}: rms_norm weight is not a parameter")
     for k in keys:
@@ -242,7 +242,7 @@ def _rms_norm(ctx: RuleContext) -> Any:
     if keys[0] is None:
         ctx.restrict(ctx.channels(lab, -1), "orthogonal", f"{ctx.name}: rms_norm (statistics over channels)")
         return lab
-    norms._norm_channels(ctx, lab, -1, keys, "rms_norm (per-channel weight, statistics over channels)")
+    norms.norm_channels(ctx, lab, -1, keys, "rms_norm (per-channel weight, statistics over channels)")
     return lab
 
 
@@ -251,7 +251,7 @@ _register(("rms_norm",), _rms_norm)
 
 def _instance_norm(ctx: RuleContext) -> Any:
     """``aten.instance_norm(input, weight, bias, running_mean, running_var, ...)``: per-channel over axis 1."""
-    keys = norms._functional_keys(ctx, ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")))
+    keys = norms.functional_keys(ctx, ((1, "weight"), (2, "bias"), (3, "running_mean"), (4, "running_var")))
     if keys is None:
         return unknown(ctx)
     for k in keys:
@@ -259,7 +259,7 @@ def _instance_norm(ctx: RuleContext) -> Any:
     lab = ctx.label(ctx.arg(0, "input"))
     if lab is None:
         return None
-    norms._norm_channels(ctx, lab, 1, keys, "instance_norm (per-channel)")
+    norms.norm_channels(ctx, lab, 1, keys, "instance_norm (per-channel)")
     return lab
 
 

@@ -90,7 +90,7 @@ def _group_batches(ctx: RuleContext, red: torch.Tensor, keep: Sequence[str], bat
         ctx.group(sl)
 
 
-def _matmul(ctx: RuleContext) -> Any:
+def matmul_rule(ctx: RuleContext) -> Any:
     """``A @ B`` (matmul, bmm): a batched product ``...yz,...zw->...yw`` of the label tensors."""
     A, B = ctx.arg(0, "input"), ctx.arg(1, "other")
     va, vb = ctx.value(A), ctx.value(B)
@@ -111,10 +111,10 @@ def _matmul(ctx: RuleContext) -> Any:
     return _bilinear(ctx, la, batch + "yz", lb, batch + "zw", batch + "yw")
 
 
-register_channel_rule((torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"), _matmul)
+register_channel_rule((torch.matmul, operator.matmul, torch.bmm, "matmul", "bmm"), matmul_rule)
 
 
-def _einsum(ctx: RuleContext) -> Any:
+def einsum_rule(ctx: RuleContext) -> Any:
     """``torch.einsum`` of two operands without ellipsis; anything else is :func:`unknown`."""
     eq = ctx.value(ctx.arg(0, "equation"))
     ops = ctx.node.args[1:]
@@ -140,10 +140,10 @@ def _einsum(ctx: RuleContext) -> Any:
     return _bilinear(ctx, la, subs[0], lb, subs[1], out)
 
 
-register_channel_rule(torch.einsum, _einsum)
+register_channel_rule(torch.einsum, einsum_rule)
 
 
-def _sdpa(ctx: RuleContext) -> Any:
+def sdpa_rule(ctx: RuleContext) -> Any:
     """``F.scaled_dot_product_attention(q, k, v)`` = ``softmax(q kᵀ · scale) v``: queries and keys
     are contracted with each other (orthogonal, per head), values pass to the output (per head)."""
     q, k, v = ctx.arg(0, "query"), ctx.arg(1, "key"), ctx.arg(2, "value")
@@ -169,7 +169,7 @@ def _sdpa(ctx: RuleContext) -> Any:
     return _bilinear(ctx, None, batch + "LS", lv, batch + "SV", batch + "LV")
 
 
-register_channel_rule(F.scaled_dot_product_attention, _sdpa)
+register_channel_rule(F.scaled_dot_product_attention, sdpa_rule)
 
 
 def attention_block(

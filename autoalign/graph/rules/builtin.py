@@ -22,7 +22,7 @@ from .labels import clean, pointwise, structural, unknown
 __all__: list[str] = []
 
 
-def _spatial(k: int) -> ChannelRule:
+def spatial_rule(k: int) -> ChannelRule:
     """Rule for ops acting on the last ``k`` axes of each channel (pooling, resizing)."""
 
     def rule(ctx: RuleContext) -> Any:
@@ -91,15 +91,15 @@ for _k, _mods, _fns in (
     (3, (nn.MaxPool3d, nn.AvgPool3d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool3d),
      (F.max_pool3d, F.avg_pool3d, F.adaptive_avg_pool3d, F.adaptive_max_pool3d)),
 ):
-    register_channel_rule(_mods + _fns, _spatial(_k))
+    register_channel_rule(_mods + _fns, spatial_rule(_k))
 
 
-def _resize(ctx: RuleContext) -> Any:
+def resize_rule(ctx: RuleContext) -> Any:
     """``F.interpolate`` / ``nn.Upsample``: a spatial rule over all axes after the channel axis."""
     lab = ctx.label(ctx.arg(0, "input"))
     if lab is None:
         return None
-    return _spatial(lab.dim() - 2)(ctx)
+    return spatial_rule(lab.dim() - 2)(ctx)
 
 
-register_channel_rule((F.interpolate, F.upsample, nn.Upsample), _resize)
+register_channel_rule((F.interpolate, F.upsample, nn.Upsample), resize_rule)

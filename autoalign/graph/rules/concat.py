@@ -20,7 +20,7 @@ from .labels import clean, has_labels, run_on_labels, unknown
 __all__: list[str] = []
 
 
-def _cat(ctx: RuleContext) -> Any:
+def cat_rule(ctx: RuleContext) -> Any:
     """``torch.cat`` / ``torch.stack``: identify operands along a non-feature axis, else move labels."""
     tensors = ctx.arg(0, "tensors")
     dim = ctx.value(ctx.arg(1, "dim", 0))
@@ -59,4 +59,4 @@ def _cat(ctx: RuleContext) -> Any:
     return clean(run_on_labels(ctx))
 
 
-register_channel_rule((torch.cat, torch.concat, torch.concatenate, torch.stack), _cat)
+register_channel_rule((torch.cat, torch.concat, torch.concatenate, torch.stack), cat_rule)

@@ -75,7 +75,7 @@ def _is_zero(v: Any) -> bool:
         return False
 
 
-def _elementwise(kind: Literal["add", "mul"]) -> ChannelRule:
+def elementwise_rule(kind: Literal["add", "mul"]) -> ChannelRule:
     """``kind`` is ``"add"`` (add, sub) or ``"mul"`` (mul, div)."""
 
     def rule(ctx: RuleContext) -> Any:
@@ -125,13 +125,13 @@ def _elementwise(kind: Literal["add", "mul"]) -> ChannelRule:
 
 register_channel_rule(
     (operator.add, operator.sub, operator.iadd, operator.isub, torch.add, torch.sub, torch.subtract, "add", "sub", "add_", "sub_", "subtract"),
-    _elementwise("add"),
+    elementwise_rule("add"),
 )
 register_channel_rule(
     (operator.mul, operator.truediv, operator.imul, operator.itruediv, torch.mul, torch.div, torch.multiply, torch.true_divide,
      "mul", "div", "mul_", "div_", "multiply", "true_divide"),
-    _elementwise("mul"),
+    elementwise_rule("mul"),
 )
 
 
-register_channel_rule(torch.rsub, _elementwise("add"))
+register_channel_rule(torch.rsub, elementwise_rule("add"))

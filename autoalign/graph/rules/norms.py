@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 
-def _norm_channels(
+def norm_channels(
     ctx: RuleContext, lab: torch.Tensor | None, axis: int, keys: Sequence[str | None], what: str
 ) -> torch.Tensor | None:
     """Give the per-channel tensors ``keys`` the coordinates along ``axis``, restricted to permutations."""
@@ -86,11 +86,11 @@ def batchnorm_like(ctx: RuleContext, x: Any, keys: dict[str, str | None], eps: f
         sites[:] = [(ctx.node.name, 1) if n == x.name else (n, a) for n, a in sites]
         return lab
     why = "BatchNorm that cannot be folded into a preceding Linear/Conv (its input is not one used only by it)"
-    _norm_channels(ctx, lab, 1, list(keys.values()), why)
+    norm_channels(ctx, lab, 1, list(keys.values()), why)
     return lab
 
 
-def _functional_keys(ctx: RuleContext, args: tuple[tuple[int, str], ...]) -> list[str] | None:
+def functional_keys(ctx: RuleContext, args: tuple[tuple[int, str], ...]) -> list[str] | None:
     """State-dict keys of a functional norm's tensor arguments (by position and name); None when
     one of them is a graph value that is not a parameter or buffer."""
     keys = []
@@ -108,10 +108,10 @@ def _functional_keys(ctx: RuleContext, args: tuple[tuple[int, str], ...]) -> lis
 def batchnorm_function(ctx: RuleContext) -> Any:
     """``F.batch_norm``: per-channel statistics and affine (never folded)."""
     lab = ctx.label(ctx.arg(0, "input"))
-    keys = _functional_keys(ctx, ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")))
+    keys = functional_keys(ctx, ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")))
     if keys is None:
         return unknown(ctx, f"{ctx.describe()}: batch_norm statistics are not parameters/buffers")
-    _norm_channels(ctx, lab, 1, keys, "batch_norm (per-channel)")
+    norm_channels(ctx, lab, 1, keys, "batch_norm (per-channel)")
     return lab
 
 
@@ -127,7 +127,7 @@ def layernorm_module(ctx: RuleContext) -> Any:
         return None
     if len(m.normalized_shape) != 1:
         return unknown(ctx, f"{ctx.describe()}: normalisation over several axes")
-    _norm_channels(ctx, lab, -1, keys, f"{type(m).__name__} (per-channel affine, statistics over channels)")
+    norm_channels(ctx, lab, -1, keys, f"{type(m).__name__} (per-channel affine, statistics over channels)")
     return lab
 
 
@@ -136,7 +136,7 @@ def layernorm_function(ctx: RuleContext) -> Any:
     """``F.layer_norm`` over the last axis: per-channel affine, permutations only."""
     lab = ctx.label(ctx.arg(0, "input"))
     shape = ctx.value(ctx.arg(1, "normalized_shape"))
-    keys = _functional_keys(ctx, ((2, "weight"), (3, "bias")))
+    keys = functional_keys(ctx, ((2, "weight"), (3, "bias")))
     if keys is None:
         return unknown(ctx, f"{ctx.describe()}: layer_norm affine is not a parameter")
     for k in keys:
@@ -145,7 +145,7 @@ def layernorm_function(ctx: RuleContext) -> Any:
         return None
     if len(shape) != 1:
         return unknown(ctx, f"{ctx.describe()}: normalisation over several axes")
-    _norm_channels(ctx, lab, -1, keys, "layer_norm (per-channel affine, statistics over channels)")
+    norm_channels(ctx, lab, -1, keys, "layer_norm (per-channel affine, statistics over channels)")
     return lab
 
 
@@ -155,7 +155,7 @@ def _group_norm(ctx: RuleContext, lab: torch.Tensor | None, groups: int, keys: S
         ctx.touch(k)
     if lab is None:
         return None
-    vec = _norm_channels(ctx, lab, 1, keys, "GroupNorm (per-channel affine, statistics within groups)")
+    vec = norm_channels(ctx, lab, 1, keys, "GroupNorm (per-channel affine, statistics within groups)")
     if vec is not None:
         for part in vec.chunk(groups):
             ctx.group(part)
@@ -173,7 +173,7 @@ def groupnorm_module(ctx: RuleContext) -> Any:
 @register_channel_rule(F.group_norm)
 def groupnorm_function(ctx: RuleContext) -> Any:
     """``F.group_norm``: see :func:`_group_norm`."""
-    keys = _functional_keys(ctx, ((2, "weight"), (3, "bias")))
+    keys = functional_keys(ctx, ((2, "weight"), (3, "bias")))
     if keys is None:
         return unknown(ctx)
     return _group_norm(ctx, ctx.label(ctx.arg(0, "input")), int(ctx.value(ctx.arg(1, "num_groups"))), keys)
@@ -188,7 +188,7 @@ def instancenorm_module(ctx: RuleContext) -> Any:
         ctx.touch(k)
     if lab is None:
         return None
-    _norm_channels(ctx, lab, 1, keys, "InstanceNorm (per-channel)")
+    norm_channels(ctx, lab, 1, keys, "InstanceNorm (per-channel)")
     return lab
 
 
@@ -202,5 +202,5 @@ def prelu_module(ctx: RuleContext) -> Any:
     if m.num_parameters == 1 or lab is None:
         return lab
     axis = 1 if lab.dim() > 1 else 0
-    _norm_channels(ctx, lab, axis, [ctx.module_key("weight")], "PReLU with per-channel slopes")
+    norm_channels(ctx, lab, axis, [ctx.module_key("weight")], "PReLU with per-channel slopes")
     return lab

@@ -70,7 +70,7 @@ def linear_function(ctx: RuleContext) -> Any:
     return out
 
 
-def _conv_like(
+def conv_like(
     ctx: RuleContext, x: Any, wkey: str | None, bkey: str | None, weight_shape: Sequence[int], groups: int, transposed: bool
 ) -> Any:
     """Record a (possibly grouped, depthwise or transposed) convolution along axis 1 and
@@ -126,15 +126,15 @@ def _conv_like(
 
 @register_channel_rule((nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d))
 def conv_module(ctx: RuleContext) -> Any:
-    """``nn.Conv*d`` / ``nn.ConvTranspose*d``: see :func:`_conv_like`."""
+    """``nn.Conv*d`` / ``nn.ConvTranspose*d``: see :func:`conv_like`."""
     m = ctx.module
     assert isinstance(m, nn.modules.conv._ConvNd)
-    return _conv_like(
+    return conv_like(
         ctx, ctx.arg(0, "input"), ctx.module_key("weight"), ctx.module_key("bias"), m.weight.shape, m.groups, m.transposed
     )
 
 
-def _conv_function(transposed: bool) -> ChannelRule:
+def conv_function_rule(transposed: bool) -> ChannelRule:
     """Rule for ``F.conv*d`` (``transposed=False``) or ``F.conv_transpose*d`` with parameter weights."""
     def rule(ctx: RuleContext) -> Any:
         w, b = ctx.arg(1, "weight"), ctx.arg(2, "bias")
@@ -143,13 +143,13 @@ def _conv_function(transposed: bool) -> ChannelRule:
         if wkey is None or (isinstance(b, fx.Node) and bkey is None):
             return unknown(ctx, f"{ctx.describe()}: convolution whose weight or bias is not a parameter")
         groups = ctx.value(ctx.arg(6, "groups", 1))  # position 6 in conv*d and conv_transpose*d
-        return _conv_like(ctx, ctx.arg(0, "input"), wkey, bkey, ctx.value(w).shape, int(groups), transposed)
+        return conv_like(ctx, ctx.arg(0, "input"), wkey, bkey, ctx.value(w).shape, int(groups), transposed)
 
     return rule
 
 
-register_channel_rule((F.conv1d, F.conv2d, F.conv3d), _conv_function(False))
-register_channel_rule((F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d), _conv_function(True))
+register_channel_rule((F.conv1d, F.conv2d, F.conv3d), conv_function_rule(False))
+register_channel_rule((F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d), conv_function_rule(True))
 
 
 @register_channel_rule(nn.Embedding)

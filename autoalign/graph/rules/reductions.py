@@ -20,7 +20,7 @@ from .labels import clean
 __all__: list[str] = []
 
 
-def _dims(d: Any, ndim: int) -> list[int] | None:
+def reduction_dims(d: Any, ndim: int) -> list[int] | None:
     """Reduction axes ``d`` (int, sequence or None) as sorted non-negative axes of an ``ndim`` tensor."""
     if d is None:
         return None
@@ -29,13 +29,13 @@ def _dims(d: Any, ndim: int) -> list[int] | None:
     return sorted({x % ndim for x in d})
 
 
-def _reduction(ctx: RuleContext) -> Any:
+def reduction_rule(ctx: RuleContext) -> Any:
     """``mean``/``sum``/``amax``/...: keeps coordinates over non-feature axes, restricts across them."""
     x = ctx.arg(0, "input")
     lab = ctx.label(x)
     if lab is None or not isinstance(ctx.out, torch.Tensor):
         return None
-    dims = _dims(ctx.value(ctx.arg(1, "dim")), lab.dim())
+    dims = reduction_dims(ctx.value(ctx.arg(1, "dim")), lab.dim())
     if dims is None or dims == []:
         dims = list(range(lab.dim()))
     vary = set(ctx.varying_axes(lab))
@@ -47,10 +47,10 @@ def _reduction(ctx: RuleContext) -> Any:
 
 
 register_channel_rule((torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
-                       "mean", "sum", "amax", "amin", "std", "var", "logsumexp"), _reduction)
+                       "mean", "sum", "amax", "amin", "std", "var", "logsumexp"), reduction_rule)
 
 
-def _softmax(ctx: RuleContext) -> Any:
+def softmax_rule(ctx: RuleContext) -> Any:
     """Softmax / log-softmax: labels pass; across feature channels it allows permutations only."""
     lab = ctx.label(ctx.arg(0, "input"))
     if lab is None:
@@ -64,7 +64,7 @@ def _softmax(ctx: RuleContext) -> Any:
 
 
 register_channel_rule((F.softmax, F.log_softmax, torch.softmax, torch.log_softmax, "softmax", "log_softmax",
-                       nn.Softmax, nn.LogSoftmax), _softmax)
+                       nn.Softmax, nn.LogSoftmax), softmax_rule)
 
 
 def _normalize(ctx: RuleContext) -> Any:
