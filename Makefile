@@ -83,6 +83,7 @@ $(TF_STAMP): pyproject.toml constraints.txt
 
 test-transformers: $(TF_STAMP)
 	HF_HUB_OFFLINE=1 $(TF_PY) -m pytest -q -m "not zoo" tests/test_transformers.py $(wildcard tests/test_timm_zoo.py)
+	$(TF_PY) -m pytest -q -m slow tests/test_trace_export.py
 
 clean:
 	rm -rf $(VENV) $(FB_VENV) $(TF_VENV) build *.egg-info

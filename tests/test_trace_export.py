@@ -117,6 +117,38 @@ def test_exported_graph_runs_any_batch_and_reads_the_models_parameters():
     assert [n.target for n in module_nodes(gm, "fc1")] == [torch.ops.aten.linear.default]
 
 
+class Doubler(nn.Module):
+    """A custom layer (outside torch.nn) whose registered rule is stricter than its ops."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+
+class WithDoubler(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 8), Doubler(), nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+def test_a_module_rule_applies_to_its_call_in_an_exported_graph():
+    def only_permutations(ctx):
+        lab = ctx.label(ctx.arg(0))
+        ctx.restrict(ctx.channels(lab, -1), "permutation", f"{ctx.name}: said so by its rule")
+        return lab
+
+    model, x = WithDoubler().eval(), torch.randn(3, 4)
+    plain = autoalign.find_merge_points(model, x, tracer="export")
+    assert plain.point("fc1").kind == "linear"  # 2 * x alone: any map passes
+    ruled = autoalign.find_merge_points(model, x, tracer="export", rules={Doubler: only_permutations})
+    assert ruled.point("fc1").kind == "permutation" and ruled.point("fc1").reason == "act: said so by its rule"
+    # fx applies a module rule to the modules it keeps opaque: the same spec
+    via_fx = autoalign.find_merge_points(model, x, tracer="fx", leaf_modules=[Doubler], rules={Doubler: only_permutations})
+    assert spec_key(ruled) == spec_key(via_fx)
+
+
 def test_tracer_options_are_checked():
     model, x = ShapeBranch(), torch.randn(2, 1, 8, 8)
     with pytest.raises(autoalign.OptionError, match="tracer must be one of"):
@@ -165,8 +197,14 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return (x - x.mean()) / x.std(), y
 
 
+# one dense, one permutation and one multi-model aligner in the default suite; the rest of the
+# grid (every aligner x every repair mode) runs in `make test-transformers` (-m slow)
+FAST = {"cca", "permutation", "zipit"}
+GRID = [pytest.param(a, marks=() if a in FAST else pytest.mark.slow) for a in ALIGNERS]
+
+
 @pytest.mark.parametrize("repair", REPAIRS, ids=str)
-@pytest.mark.parametrize("aligner", ALIGNERS)
+@pytest.mark.parametrize("aligner", GRID)
 @pytest.mark.parametrize("topology", ["residual", "mlp"])
 def test_merge_invariants_through_export(trained_export, topology, aligner, repair):
     """``merge([A, A])`` computes ``A`` and ``weights=(1, 0)`` gives ``A`` through the export

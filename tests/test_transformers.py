@@ -66,6 +66,8 @@ def test_gpt2_conv1d_weights_are_transposed_producers():
     roles = {(a.tensor, a.axis): a.role for a in spec.axes}
     assert roles[("transformer.h.0.mlp.c_fc.weight", 1)] == "output"  # Conv1D holds (in, out)
     assert roles[("transformer.h.0.mlp.c_fc.weight", 0)] == "input"
+    # gelu_new is a pointwise nonlinearity as a module (registered), not a product of features
+    assert spec.point("transformer.h.0.mlp.c_fc").kind == "linear"
 
 
 def test_kv_cache_is_turned_off_only_while_exporting():

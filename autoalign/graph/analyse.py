@@ -12,12 +12,14 @@ from typing import Any, Mapping
 
 import torch
 import torch.fx as fx
+from torch import nn
 
 from ..errors import SpecError
-from ..trace import as_input_tuple, eval_mode
+from ..trace import as_input_tuple, eval_mode, is_exported
 from .context import LabelState, ParamOrigin, RuleContext, unique_ids
 from .registry import ChannelRule, RuleTable, find_rule, rule_overrides
-from .rules import register_torchvision_rules  # importing the package registers the built-in rules
+from .scopes import ModuleCallNode, ScopeCall, rule_scopes
+from .rules import register_torchvision_rules, register_transformers_rules  # the package registers the built-in rules
 from .rules.labels import unknown
 
 __all__ = ["analyse"]
@@ -69,6 +71,7 @@ def analyse(
     strict: bool = False,
     keys: set[str] | None = None,
     rules: Mapping[Any, ChannelRule] | RuleTable | None = None,
+    model: nn.Module | None = None,
 ) -> LabelState:
     """Run the label analysis over a traced graph (step 1 of :mod:`autoalign.graph.discover`).
 
@@ -86,6 +89,10 @@ def analyse(
     rules : mapping, optional
         Per-call channel rules ``{target: rule}``, consulted before the
         registry (see :func:`~autoalign.graph.registry.rule_overrides`).
+    model : nn.Module, optional
+        The model ``gm`` was traced from. For a graph from ``torch.export`` it gives the
+        classes of the modules that issued the ops, so that a module with a channel rule
+        is analysed as one op again (:mod:`autoalign.graph.scopes`).
 
     Returns
     -------
@@ -94,6 +101,7 @@ def analyse(
     """
     overrides = rule_overrides(rules)
     register_torchvision_rules()
+    register_transformers_rules()
     inputs = list(as_input_tuple(example_inputs))
     state = LabelState(gm, strict=strict)
     canonical: dict[int, str] = {}
@@ -104,6 +112,7 @@ def analyse(
         first = canonical.setdefault(id(v), k)
         if first != k:
             state.aliases[k] = first
+    scopes = rule_scopes(gm, model, overrides) if model is not None and is_exported(gm) else {}
     interp = fx.Interpreter(gm)
     with torch.no_grad(), eval_mode(gm):
         for node in gm.graph.nodes:
@@ -133,9 +142,23 @@ def analyse(
                 mod = gm.get_submodule(node.target)
                 for name, _ in list(mod.named_parameters()) + list(mod.named_buffers()):
                     state.touched.add(f"{node.target}.{name}")
-            state.labels[node] = _label_of(state, node, value, overrides)
+            call = scopes.get(node)
+            if call is not None:  # inside a call of a ruled module: its rule runs once, at the output
+                state.labels[node] = _scope_label(state, call, value) if node is call.output else None
+            else:
+                state.labels[node] = _label_of(state, node, value, overrides)
             _occurrence(state.labels[node], state)
     return state
+
+
+def _scope_label(state: LabelState, call: ScopeCall, value: Any) -> Any:
+    """The label of a ruled module call's output, from the module's rule (see :mod:`.scopes`)."""
+    for name, _ in list(call.module.named_parameters()) + list(call.module.named_buffers()):
+        state.touched.add(f"{call.path}.{name}")
+    node = ModuleCallNode(call)
+    if not _contains_tensor(value):
+        return None
+    return _check_label(call.output, value, call.rule(RuleContext(state, node, value, module=call.module)))  # type: ignore[arg-type]
 
 
 def _label_of(state: LabelState, node: fx.Node, value: Any, overrides: RuleTable | None) -> Any:

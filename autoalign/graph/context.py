@@ -195,11 +195,13 @@ class RuleContext:
     [('1', 'Swish', (5, 4))]
     """
 
-    def __init__(self, state: LabelState, node: fx.Node, out: Any) -> None:
+    def __init__(self, state: LabelState, node: fx.Node, out: Any, module: nn.Module | None = None) -> None:
         self.state = state
         self.node = node
         self.out = out
-        self.module: nn.Module | None = state.gm.get_submodule(node.target) if node.op == "call_module" else None
+        if module is None and node.op == "call_module":
+            module = state.gm.get_submodule(node.target)
+        self.module: nn.Module | None = module
 
     # -------------------------------------------------------------- reading
     @property

@@ -59,7 +59,7 @@ def discover(
     MergeSpec
     """
     keys = set(model.state_dict(keep_vars=True)) if model is not None else None
-    state = analyse(gm, example_inputs, strict=strict, keys=keys, rules=rules)
+    state = analyse(gm, example_inputs, strict=strict, keys=keys, rules=rules, model=model)
     return assemble(state, model if model is not None else gm)
 
 

@@ -15,6 +15,7 @@ components, merge points and kinds are worked out afterwards
 :mod:`.builtin`           pointwise/structural ops, pooling and resizing
 :mod:`.aten`              the core ATen ops of ``torch.export`` graphs (onto the rules above)
 :mod:`.torchvision`       torchvision's opaque functions (registered lazily)
+:mod:`.transformers`      Hugging Face's activation modules (registered lazily)
 ========================  ===================================================
 
 Importing this package registers the built-in rules, in the order of the
@@ -27,5 +28,6 @@ from __future__ import annotations
 from . import labels, producers, norms, elementwise, reductions, concat, attention, builtin, aten  # noqa: F401  isort: skip
 from .labels import pointwise, structural, unknown
 from .torchvision import register_torchvision_rules
+from .transformers import register_transformers_rules
 
-__all__ = ["pointwise", "structural", "unknown", "register_torchvision_rules"]
+__all__ = ["pointwise", "structural", "unknown", "register_torchvision_rules", "register_transformers_rules"]
