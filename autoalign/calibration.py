@@ -41,7 +41,9 @@ NO_BATCH = (
 
 def default_input_fn(batch: Any) -> tuple[Any, ...]:
     """Model inputs from a batch: a tensor, the first element of a tuple/list
-    ``(input, target)``, or the ``"input"``/``"image"``/``"x"`` entry of a dict.
+    ``(input, target)``, or the ``"input"``/``"image"``/``"x"`` entry of a dict (also
+    ``"pixel_values"`` and ``"input_ids"``, as Hugging Face's collators name them; only that
+    entry is passed, so an attention mask is not: pass ``input_fn=`` for padded batches).
 
     Examples
     --------
@@ -55,7 +57,7 @@ def default_input_fn(batch: Any) -> tuple[Any, ...]:
     if isinstance(batch, (tuple, list)) and batch:
         return (batch[0],)
     if isinstance(batch, dict):
-        for k in ("input", "inputs", "image", "images", "x", "pixel_values"):
+        for k in ("input", "inputs", "image", "images", "x", "pixel_values", "input_ids"):
             if k in batch:
                 return (batch[k],)
         raise DataError(f"cannot find the model input in a batch dict with keys {sorted(batch)}; pass input_fn=")

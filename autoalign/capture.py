@@ -59,7 +59,10 @@ def _nodes_of(gm: fx.GraphModule, names: Sequence[str]) -> dict[str, fx.Node]:
     nodes = {n.name: n for n in gm.graph.nodes}
     missing = [n for n in names if n not in nodes]
     if missing:
-        raise MergeError(f"nodes {missing[:3]} of the merge spec are not in the traced model; was the spec made for this architecture?")
+        raise MergeError(
+            f"nodes {missing[:3]} of the merge spec are not in the traced model; was the spec made for this "
+            f"architecture, with the same tracer= (this graph comes from {gm.meta.get('autoalign_frontend', 'torch.fx')})?"
+        )
     return nodes
 
 
