@@ -127,7 +127,7 @@ TASKS: dict[str, dict[str, Any]] = {
         },
         "text_bytes": 1_500_000,
         "context": 128,
-        "steps": 1600,
+        "steps": 1000,
         "batch_size": 32,
         "lr": 3e-3,
         "weight_decay": 0.01,
@@ -564,6 +564,51 @@ def merge_task(
     return {"checkpoints": {str(s): p for s, p in paths.items()}, "aligners": names, "options": {k: repr(v) for k, v in options.items()}, "base": base, "merges": rows}
 
 
+# --------------------------------------------------------------------------- report
+
+
+def _fmt(config_task: str, m: dict[str, float] | None) -> str:
+    if not m:
+        return "—"
+    return f"{100 * m['accuracy']:.2f}" if config_task == "vit-mnist" else f"{m['perplexity']:.3f}"
+
+
+def report_markdown(results_dir: str | os.PathLike[str], task: str, toy: bool = False) -> str:
+    """Markdown tables of the ``evaluate`` (and ``merge``) result files of ``task``."""
+    res = pathlib.Path(results_dir)
+    suffix = "_toy" if toy else ""
+    unit = "test accuracy (%)" if task == "vit-mnist" else "validation perplexity"
+    lines: list[str] = []
+    ev_path = res / f"evaluate_{task}{suffix}.json"
+    if ev_path.exists():
+        ev = json.loads(ev_path.read_text())
+        lines += [f"{task}, {unit}; `{ev['command']}` ({ev['date']})", ""]
+        lines += ["| seed | " + " | ".join(ev["base"]) + " |", "|---|" + "---|" * len(ev["base"])]
+        lines += ["| base | " + " | ".join(_fmt(task, m) for m in ev["base"].values()) + " |", ""]
+        lines += ["| seeds | base (each) | ensemble (mean of logits) | plain average | averaging by |", "|---|---|---|---|---|"]
+        for g in ev["groups"]:
+            avg = g["plain_average"]
+            how = "autoalign identity" if avg["autoalign_identity"]["ok"] else "manual mean (autoalign raised)"
+            lines.append(
+                f"| {' '.join(map(str, g['seeds']))} | {' / '.join(_fmt(task, m) for m in g['base'].values())} | "
+                f"{_fmt(task, g['ensemble'])} | {_fmt(task, avg['metrics'])} | {how} |"
+            )
+        lines.append("")
+    for mpath in sorted(res.glob(f"merge_{task}{suffix}*.json")):
+        mr = json.loads(mpath.read_text())
+        groups = sorted({tuple(r["seeds"]) for r in mr["merges"]}, key=lambda g: (len(g), g))
+        lines += [f"`{mpath.name}`: `{mr['command']}` ({mr['date']}; autoalign from `{mr.get('autoalign', {}).get('file')}`)", ""]
+        lines += ["| aligner | " + " | ".join(" ".join(map(str, g)) for g in groups) + " |", "|---|" + "---|" * len(groups)]
+        for name in mr["aligners"]:
+            cells = []
+            for g in groups:
+                (r,) = [r for r in mr["merges"] if r["aligner"] == name and tuple(r["seeds"]) == g]
+                cells.append(_fmt(task, r.get("metrics")) if r["ok"] else f"error: {r['error']['type']}")
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 # --------------------------------------------------------------------------- command line
 
 
@@ -606,7 +651,7 @@ def _parse_option(text: str) -> tuple[str, Any]:
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=["train", "evaluate", "merge"])
+    p.add_argument("command", choices=["train", "evaluate", "merge", "report"])
     p.add_argument("--task", required=True, choices=sorted(TASKS))
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     p.add_argument("--sizes", type=int, nargs="+", default=None, help="group sizes to evaluate/merge (default: 2 and all seeds)")
@@ -625,6 +670,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "report":
+        print(report_markdown(args.results_dir, args.task, toy=args.toy))
+        return 0
     torch.set_num_threads(max(1, args.threads))
     config = task_config(args.task, toy=args.toy)
     argv_list = list(sys.argv[1:] if argv is None else argv)

@@ -74,6 +74,9 @@ def test_gpt2_chars_train_evaluate_merge(tmp_path):
     for r in res["merges"]:  # either a merged model's metrics or a recorded error
         assert ("metrics" in r) if r["ok"] else r["error"]["type"]
 
+    table = tm.report_markdown(tmp_path / "res", "gpt2-chars", toy=True)
+    assert "| 0 1 |" in table and "| cca |" in table
+
 
 @pytest.mark.skipif(not (REAL_DATA_ROOT / "MNIST" / "raw").is_dir(), reason="MNIST not available")
 def test_vit_mnist_train_evaluate(tmp_path):
