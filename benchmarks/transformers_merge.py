@@ -530,7 +530,18 @@ def evaluate_task(
             "plain_average": avg,
         })
         print(f"  {group}: ensemble {rows[-1]['ensemble']}  average {avg['metrics']} ({avg['method']})", flush=True)
-    return {"checkpoints": {str(s): p for s, p in paths.items()}, "base": base, "groups": rows}
+    return {"checkpoints": {str(s): p for s, p in paths.items()}, "reference": reference_metrics(config, data), "base": base, "groups": rows}
+
+
+def reference_metrics(config: dict[str, Any], data: dict[str, Any]) -> dict[str, float]:
+    """What "above chance" means: uniform guessing, and (text) the train-set character unigram."""
+    if config["task"] == "vit-mnist":
+        counts = torch.bincount(data["train"][1], minlength=10).float()
+        return {"chance_accuracy": 0.1, "majority_class_accuracy": float((data["val"][1] == counts.argmax()).float().mean())}
+    n = int(config["model"]["vocab_size"])
+    p = (torch.bincount(data["train"], minlength=n).double() + 1) / (len(data["train"]) + n)
+    nll = float(-p.log()[data["val"][1:]].mean())  # the targets scored by val_batches, up to the window cut
+    return {"uniform_perplexity": float(n), "unigram_perplexity": math.exp(nll)}
 
 
 def merge_task(
