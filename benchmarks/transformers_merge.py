@@ -523,9 +523,12 @@ def evaluate_task(
         else:
             avg["method"] = "autoalign.merge(aligner='identity')"
         avg["metrics"] = metrics_of(config, model_logits(merged, batches), batches)
+        preds = {s: torch.cat([lg.reshape(-1, lg.shape[-1]).argmax(-1) for lg in logits[s]]) for s in group}
+        disagree = [float((preds[a] != preds[b]).float().mean()) for a, b in itertools.combinations(group, 2)]
         rows.append({
             "seeds": list(group),
             "base": {str(s): base[str(s)] for s in group},
+            "disagreement": sum(disagree) / len(disagree),  # mean over pairs: fraction of argmax predictions that differ
             "ensemble": metrics_of(config, ens, batches),
             "plain_average": avg,
         })
@@ -596,12 +599,13 @@ def report_markdown(results_dir: str | os.PathLike[str], task: str, toy: bool = 
         lines += [f"{task}, {unit}; `{ev['command']}` ({ev['date']})", ""]
         lines += ["| seed | " + " | ".join(ev["base"]) + " |", "|---|" + "---|" * len(ev["base"])]
         lines += ["| base | " + " | ".join(_fmt(task, m) for m in ev["base"].values()) + " |", ""]
-        lines += ["| seeds | base (each) | ensemble (mean of logits) | plain average | averaging by |", "|---|---|---|---|---|"]
+        lines += ["| seeds | base (each) | disagreement | ensemble (mean of logits) | plain average | averaging by |", "|---|---|---|---|---|---|"]
         for g in ev["groups"]:
             avg = g["plain_average"]
             how = "autoalign identity" if avg["autoalign_identity"]["ok"] else "manual mean (autoalign raised)"
             lines.append(
                 f"| {' '.join(map(str, g['seeds']))} | {' / '.join(_fmt(task, m) for m in g['base'].values())} | "
+                f"{100 * g.get('disagreement', float('nan')):.1f} % | "
                 f"{_fmt(task, g['ensemble'])} | {_fmt(task, avg['metrics'])} | {how} |"
             )
         lines.append("")
