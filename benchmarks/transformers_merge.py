@@ -59,7 +59,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+    sys.path.append(str(pathlib.Path(__file__).resolve().parent.parent))  # after PYTHONPATH: it chooses the autoalign
 
 __all__ = [
     "TASKS",
@@ -495,11 +495,20 @@ def _try_merge(models, calib, aligner, options) -> tuple[nn.Module | None, dict[
     import autoalign
 
     t0 = time.time()
-    try:
-        merged = autoalign.merge(list(models), calib, aligner=aligner, **options)
+    try:  # merge_with_report: autoalign.merge's pipeline and arguments, plus what happened per point
+        result = autoalign.merge_with_report(list(models), calib, aligner=aligner, **options)
     except Exception as exc:  # noqa: BLE001 — recorded, the benchmark goes on
         return None, {"ok": False, "seconds": round(time.time() - t0, 2), "error": _error_record(exc)}
-    return merged, {"ok": True, "seconds": round(time.time() - t0, 2)}
+    rec: dict[str, Any] = {"ok": True, "seconds": round(time.time() - t0, 2)}
+    try:
+        rep = result.report
+        rec["points"] = [
+            {"name": p.name, "dim": p.dim, "allowed": p.allowed, "used": p.used, "note": p.note} for p in rep.points
+        ]
+        rec["repair"] = rep.repair
+    except Exception:  # noqa: BLE001 — the report is extra
+        pass
+    return result.model, rec
 
 
 def evaluate_task(
@@ -650,6 +659,24 @@ def machine_info(threads: int) -> dict[str, Any]:
     }
 
 
+def autoalign_source(module: Any) -> dict[str, Any]:
+    """Which autoalign ran: its file, and the git commit and uncommitted diff of its checkout."""
+    import subprocess
+
+    root = pathlib.Path(module.__file__).resolve().parent.parent
+    info: dict[str, Any] = {"file": module.__file__, "version": getattr(module, "__version__", None)}
+    try:
+        git = ["git", "-C", str(root)]
+        info["commit"] = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=30).stdout.strip()
+        diff = subprocess.run([*git, "diff", "HEAD", "--", "autoalign"], capture_output=True, timeout=30).stdout
+        untracked = subprocess.run([*git, "ls-files", "--others", "--exclude-standard", "--", "autoalign"], capture_output=True, text=True, timeout=30).stdout.split()
+        info["uncommitted_diff_sha256"] = hashlib.sha256(diff).hexdigest() if diff else None
+        info["untracked_files"] = untracked
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return info
+
+
 def _parse_option(text: str) -> tuple[str, Any]:
     key, _, raw = text.partition("=")
     for conv in (int, float):
@@ -704,6 +731,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         "seeds": list(args.seeds),
         "data": data["info"],
     }
+    if args.command != "train":
+        import autoalign
+
+        record["autoalign"] = autoalign_source(autoalign)
     if args.command == "train":
         paths = train_task(config, args.seeds, args.checkpoints, data=data, data_root=args.data_root, force=args.force)
         record["checkpoints"] = {}
@@ -714,9 +745,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         record["calib_batches"] = args.calib_batches
         record.update(evaluate_task(config, args.seeds, args.checkpoints, data, args.calib_batches, args.sizes))
     else:
-        import autoalign
-
-        record["autoalign"] = {"file": autoalign.__file__, "version": getattr(autoalign, "__version__", None)}
         record["calib_batches"] = args.calib_batches
         options = dict(_parse_option(o) for o in args.option)
         record.update(merge_task(config, args.seeds, args.checkpoints, data, args.aligners, options, args.calib_batches, args.sizes))
