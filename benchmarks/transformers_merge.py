@@ -570,7 +570,8 @@ def merge_task(
     batches = val_batches(config, data)
     calib = calibration_batches(config, data, calib_batches)
     base = {str(s): metrics_of(config, model_logits(m, batches), batches) for s, m in models.items()}
-    rows = []
+    rows: list[dict[str, Any]] = []
+    seen: dict[str, tuple[list[int], str]] = {}
     for group in groups_of(seeds, sizes):
         for name in names:
             merged, rec = _try_merge([models[s] for s in group], calib, name, options)
@@ -581,6 +582,12 @@ def merge_task(
                     rec["ok"] = False
                     rec["error"] = _error_record(exc)
                     rec["error"]["stage"] = "evaluating the merged model"
+            if not rec["ok"]:  # one copy of each distinct traceback per file
+                tail = rec["error"]["traceback_tail"]
+                if tail in seen:
+                    rec["error"]["traceback_tail"] = f"same as seeds {seen[tail][0]} aligner {seen[tail][1]}"
+                else:
+                    seen[tail] = (list(group), name)
             rows.append({"seeds": list(group), "aligner": name, **rec})
             msg = rec.get("metrics") or f"{rec['error']['type']}: {rec['error']['message'][:160]}"
             print(f"  {group} {name}: {msg}", flush=True)
