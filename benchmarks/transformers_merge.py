@@ -610,8 +610,10 @@ def report_markdown(results_dir: str | os.PathLike[str], task: str, toy: bool = 
     unit = "test accuracy (%)" if task == "vit-mnist" else "validation perplexity"
     lines: list[str] = []
     ev_path = res / f"evaluate_{task}{suffix}.json"
-    if ev_path.exists():
-        ev = json.loads(ev_path.read_text())
+    ev = json.loads(ev_path.read_text()) if ev_path.exists() else None
+    better = max if task == "vit-mnist" else min
+    key = "accuracy" if task == "vit-mnist" else "perplexity"
+    if ev:
         lines += [f"{task}, {unit}; `{ev['command']}` ({ev['date']})", ""]
         lines += ["| seed | " + " | ".join(ev["base"]) + " |", "|---|" + "---|" * len(ev["base"])]
         lines += ["| base | " + " | ".join(_fmt(task, m) for m in ev["base"].values()) + " |", ""]
@@ -630,6 +632,15 @@ def report_markdown(results_dir: str | os.PathLike[str], task: str, toy: bool = 
         groups = sorted({tuple(r["seeds"]) for r in mr["merges"]}, key=lambda g: (len(g), g))
         lines += [f"`{mpath.name}`: `{mr['command']}` ({mr['date']}; autoalign from `{mr.get('autoalign', {}).get('file')}`)", ""]
         lines += ["| aligner | " + " | ".join(" ".join(map(str, g)) for g in groups) + " |", "|---|" + "---|" * len(groups)]
+        if ev:  # reference rows from the evaluate file
+            by_group = {tuple(g["seeds"]): g for g in ev["groups"]}
+            refs = [
+                ("*best base*", lambda g: better(g["base"].values(), key=lambda m: m[key])),
+                ("*ensemble*", lambda g: g["ensemble"]),
+                ("*plain average*", lambda g: g["plain_average"]["metrics"]),
+            ]
+            for label, pick in refs:
+                lines.append(f"| {label} | " + " | ".join(_fmt(task, pick(by_group[g])) if g in by_group else "—" for g in groups) + " |")
         for name in mr["aligners"]:
             cells = []
             for g in groups:
