@@ -18,6 +18,7 @@ Subcommands (run from the repository root)::
     python benchmarks/transformers_merge.py evaluate --task vit-mnist  --seeds 0 1 2 3 --data-root ../shared/data
     python benchmarks/transformers_merge.py merge    --task gpt2-chars --seeds 0 1 2 3 [--aligners cca ...]
                                                       [--option tracer=export ...]
+    python benchmarks/transformers_merge.py report   --task vit-mnist
 
 ``train`` caches one checkpoint per seed under
 ``~/.cache/autoalign/checkpoints/<task>_<config-hash>_seed<k>.pt`` (``--checkpoints`` to
@@ -28,7 +29,10 @@ base models, the ensemble (mean of the logits) and plain averaging
 dicts when that raises — the error is recorded). ``merge`` calls
 ``autoalign.merge(models, calib, aligner=name, **options)`` for every registered aligner
 (``autoalign.list_aligners()``; ``--aligners`` to choose) on the same groups, catching and
-recording each error. Calibration data: ``--calib-batches`` batches of training inputs only
+recording each error (through ``autoalign.merge_with_report``, the same pipeline and arguments,
+to keep the per-point report). ``report`` prints the markdown tables of the result files.
+``PYTHONPATH`` chooses which autoalign runs (the script puts the repository root after it);
+every result file records which one did. Calibration data: ``--calib-batches`` batches of training inputs only
 (``pixel_values`` or ``input_ids`` tensors), the same for every merge.
 
 Results: ``benchmarks/results/transformers/<command>_<task>.json`` (``--results-dir``),
