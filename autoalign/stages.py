@@ -16,6 +16,7 @@ Schemes (:mod:`autoalign.schemes`) compose them. Every stage takes the
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Any, Sequence
 
 import torch
@@ -217,6 +218,12 @@ def repair(
     if mode == "repair":
         producers, bns = repair_sites(out, spec)
         names = producers + bns
+        if not names:
+            warnings.warn(
+                "repair='repair' found no site to correct: REPAIR acts on the outputs of nn.Linear / nn.Conv*d "
+                "modules and affine BatchNorms of non-frozen merge points, and this model has none (e.g. GPT-2's "
+                "Conv1D layers are not nn.Linear); the merged model is left unrepaired", stacklevel=4,
+            )
     else:
         names = applied.folded_names
     targets = _repair_targets(models, applied, spec, plan, w, calib, names, topts, stats)

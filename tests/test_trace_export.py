@@ -227,3 +227,26 @@ def test_export_merge_of_two_models_matches_fx(trained_export):
     via_export = autoalign.merge([a, b], calib, aligner="cca", tracer="export")
     with torch.no_grad():
         torch.testing.assert_close(via_export(x), via_fx(x), rtol=1e-4, atol=1e-4)
+
+
+class AddmmNet(nn.Module):
+    """A GPT-2 style ``Conv1D`` producer (``addmm`` with an ``(in, out)`` weight): no REPAIR site."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w, self.b = nn.Parameter(torch.randn(4, 8)), nn.Parameter(torch.zeros(8))
+        self.out = nn.Linear(8, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(torch.addmm(self.b, x, self.w)))
+
+
+def test_addmm_is_a_producer_and_repair_without_sites_warns():
+    model, x = AddmmNet(), torch.randn(16, 4)
+    spec = autoalign.find_merge_points(model, x, tracer="export")
+    assert [(p.name, p.kind) for p in spec.points] == [("addmm", "linear"), ("out", "frozen")]
+    roles = {(a.tensor, a.axis): a.role for a in spec.axes}
+    assert roles[("w", 1)] == "output" and roles[("b", 0)] == "output" and roles[("out.weight", 1)] == "input"
+    assert autoalign.check(model, x, tracer="export").ok
+    with pytest.warns(UserWarning, match="found no site to correct"):
+        autoalign.merge([model, AddmmNet()], [x, x], aligner="permutation", repair="repair", tracer="export")

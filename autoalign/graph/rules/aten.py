@@ -69,6 +69,16 @@ _register((
 ), structural)
 
 
+def _constant(ctx: RuleContext) -> Any:
+    """``new_zeros``, ``zeros_like``, ... : a tensor shaped (or typed) like the input, whose values
+    do not depend on it; nothing is frozen (Swin's attention mask is built this way)."""
+    return None
+
+
+_register(("new_zeros", "new_ones", "new_empty", "new_full", "zeros_like", "ones_like", "empty_like", "full_like",
+           "rand_like", "randn_like"), _constant)
+
+
 def _constant_pad(ctx: RuleContext) -> Any:
     """``aten.constant_pad_nd`` / ``aten.pad``: zero padding moves labels (pads are exact
     zeros); any other value is :func:`unknown` (a constant no transform can follow)."""
