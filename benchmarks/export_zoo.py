@@ -30,18 +30,31 @@ FLOAT32_CHAOTIC = {
 }
 
 
+def point_signatures(spec) -> list[str]:
+    """Each point as what it owns (kind, dim, and every parameter position it holds, with its
+    coordinate), without its name or index: two specs that differ only in the points' names
+    and order give the same sorted signatures."""
+    owned: dict[int, list] = {i: [] for i in range(len(spec.points))}
+    for a in spec.axes:
+        for pos, (p, c) in enumerate(zip(a.point_of.tolist(), a.local_of.tolist())):
+            if p >= 0:
+                owned[p].append((a.tensor, a.axis, a.role, str(a.block), pos, c))
+    return sorted(f"{p.kind}/{p.dim}/{sorted(owned[i])}" for i, p in enumerate(spec.points))
+
+
 def spec_key(spec, *, named: bool = True) -> dict:
     """What must agree between the front ends, as comparable plain data (``named=False``:
-    points by index, so that two specs that differ only in the points' names agree)."""
-    names = [p.name if named else str(i) for i, p in enumerate(spec.points)]
+    points by what they own, so that specs that differ only in names and order agree)."""
+    if not named:
+        return {"points": point_signatures(spec), "folds": len(spec.folds)}
+    names = [p.name for p in spec.points]
     axes = sorted(
         (a.tensor, a.axis, a.role, str(a.block), tuple(names[p] if p >= 0 else "-" for p in a.point_of.tolist()),
          tuple(a.local_of.tolist()))
         for a in spec.axes
     )
-    points = [(n, p.dim, p.kind) for n, p in zip(names, spec.points)]
-    folds = sorted(map(str, spec.folds)) if named else len(spec.folds)
-    return {"points": points, "axes": axes, "folds": folds}
+    return {"points": [(n, p.dim, p.kind) for n, p in zip(names, spec.points)], "axes": axes,
+            "folds": sorted(map(str, spec.folds))}
 
 
 def one(name: str) -> dict:
