@@ -1,0 +1,378 @@
+"""Self-check sweep over timm's model zoo: one model per architecture module.
+
+Usage::
+
+    python benchmarks/timm_sweep.py                       # every module, resumable
+    python benchmarks/timm_sweep.py --modules resnet,vgg  # a subset
+    python benchmarks/timm_sweep.py --resume              # skip modules already in the JSON
+    python benchmarks/timm_sweep.py --render              # only rewrite the markdown table
+
+For each ``timm.models`` submodule that registers models, the model with the fewest
+parameters is picked (parameter counts are taken on the ``meta`` device, so nothing is
+allocated), built randomly initialised (``pretrained=False``, ``num_classes=10``), its
+constant tensors perturbed and BatchNorm statistics calibrated on random images (as
+:func:`autoalign.examples.zoo.torchvision_example` does), and ``autoalign.check`` is
+run on a batch of 2 images of its ``pretrained_cfg`` size (at most 224 px where the
+model accepts ``img_size``). Each model runs in a subprocess with a time limit, so one
+hang does not stop the sweep. A float32 failure is re-checked with the same spec in
+float64 (deep random nets amplify float32 rounding).
+
+Results: ``benchmarks/results/timm/timm_sweep_results.json`` (one row per module) and
+the markdown table ``benchmarks/results/timm/timm_sweep_table.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pathlib
+import platform
+import re
+import subprocess
+import sys
+import time
+import traceback
+from typing import Any
+
+RESULTS = pathlib.Path("benchmarks/results/timm/timm_sweep_results.json")
+TABLE = pathlib.Path("benchmarks/results/timm/timm_sweep_table.md")
+MAX_PARAMS = 200e6  # skip a module's models above this (only vgg's smallest is over 100 M)
+MAX_SIDE = 224
+
+CATEGORIES = {
+    "pass": "self-check ok in float32",
+    "pass_float64": "float32 check fails by rounding only; the same spec passes in float64",
+    "trace": "symbolic tracing (torch.fx) failed: TraceError",
+    "discovery": "discovery raised (a channel rule or assembly error)",
+    "mismatch": "self-check mismatch (outputs differ after permuting, also in float64)",
+    "timeout": "over the per-model time limit",
+    "build": "model build / forward error (before autoalign runs)",
+    "no_model": "no model of the module could be built under the parameter limit",
+}
+
+
+# ----------------------------------------------------------------------------- worker (one module)
+
+
+def _param_count_meta(name: str) -> int | None:
+    import timm
+    import torch
+
+    try:
+        with torch.device("meta"):
+            m = timm.create_model(name, pretrained=False, num_classes=10)
+        return sum(p.numel() for p in m.parameters())
+    except Exception:  # noqa: BLE001 - some models do real work in __init__
+        return None
+
+
+def pick_model(module: str) -> tuple[str | None, int | None, list[str]]:
+    """The model of ``module`` with the fewest parameters (counted on the meta device)."""
+    import timm
+
+    names = timm.list_models(module=module)
+    real = [n for n in names if not n.startswith("test_")]
+    names = real or names  # timm's ``test_*`` models are cut-down configs for its CI: prefer real ones
+    counts: dict[str, int] = {}
+    notes: list[str] = []
+    for n in names:
+        c = _param_count_meta(n)
+        if c is not None:
+            counts[n] = c
+    if not counts:  # meta construction failed for all: try the names that look smallest, for real
+        notes.append("meta-device construction failed for all models; picked by building on CPU")
+        for n in sorted(names, key=_size_hint)[:3]:
+            try:
+                m = timm.create_model(n, pretrained=False, num_classes=10)
+                counts[n] = sum(p.numel() for p in m.parameters())
+                del m
+            except Exception:  # noqa: BLE001
+                continue
+    small = {n: c for n, c in counts.items() if c <= MAX_PARAMS}
+    if not small:
+        return None, (min(counts.values()) if counts else None), notes
+    best = min(small, key=lambda n: (small[n], n))
+    return best, small[best], notes
+
+
+_HINTS = ("pico", "atto", "femto", "nano", "tiny", "xxs", "xs", "small", "s", "b0", "18", "lite", "t")
+
+
+def _size_hint(name: str) -> int:
+    for i, h in enumerate(_HINTS):
+        if re.search(rf"(^|_){h}($|_|\d)", name):
+            return i
+    return len(_HINTS)
+
+
+def _input_side(cfg: dict[str, Any]) -> tuple[int, int, int]:
+    size = cfg.get("input_size") or (3, 224, 224)
+    return tuple(int(s) for s in size)  # type: ignore[return-value]
+
+
+def build(name: str, seed: int = 0):
+    """The model in eval mode, perturbed and BatchNorm-calibrated, and an input batch of 2."""
+    import timm
+    import torch
+
+    from autoalign.examples.zoo import break_symmetry
+    from autoalign.repair import reset_bn
+
+    torch.manual_seed(seed)
+    cfg = timm.get_pretrained_cfg(name)
+    cfg = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else (cfg or {})
+    c, h, w = _input_side(cfg)
+    model = None
+    if max(h, w) > MAX_SIDE:
+        try:  # many transformers take img_size; fall back to the native size
+            model = timm.create_model(name, pretrained=False, num_classes=10, img_size=MAX_SIDE)
+            h = w = MAX_SIDE
+        except Exception:  # noqa: BLE001
+            model = None
+    if model is None:
+        model = timm.create_model(name, pretrained=False, num_classes=10)
+    model.eval()
+    break_symmetry(model, seed=seed)
+    g = torch.Generator().manual_seed(seed)
+    has_bn = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    if has_bn:
+        reset_bn(model, [torch.randn(4, c, h, w, generator=g) for _ in range(2)])
+    x = torch.randn(2, c, h, w, generator=g)
+    return model, x
+
+
+_NODE_TARGET = re.compile(r"(call_module|call_function|call_method)\[target=([^\]]+)\]")
+
+
+def _frozen_summary(model, spec) -> tuple[dict[str, int], list[str]]:
+    """Frozen non-io points: counts by the op that has no rule, and the distinct reasons (node names stripped)."""
+    ops: dict[str, int] = {}
+    reasons: dict[str, None] = {}
+    for p in spec.points:
+        if p.kind != "frozen" or p.io:
+            continue
+        r = p.reason or ""
+        m = _NODE_TARGET.search(r)
+        if "no channel rule" in r and m:
+            op, target = m.groups()
+            if op == "call_module":
+                try:
+                    sub = model.get_submodule(target)
+                    target = f"{type(sub).__module__}.{type(sub).__qualname__}"
+                except Exception:  # noqa: BLE001
+                    pass
+            key = f"{op}:{target}"
+            ops[key] = ops.get(key, 0) + 1
+        short = re.sub(r"%[\w.]+ : \[num_users=\d+\] = ", "", r)
+        short = re.sub(r"args = \(.*?\), kwargs = \{.*?\}", "...", short)
+        reasons[short[:300]] = None
+    return ops, list(reasons)[:12]
+
+
+def _first_line(exc: BaseException) -> str:
+    s = str(exc).strip().splitlines()
+    return (s[0] if s else "")[:500]
+
+
+def run_module(module: str, threads: int = 1) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(threads)
+    import timm
+
+    import autoalign
+    from autoalign.errors import TraceError
+
+    row: dict[str, Any] = {"module": module, "timm": timm.__version__, "torch": torch.__version__}
+    t0 = time.perf_counter()
+    name, params, notes = pick_model(module)
+    row.update(model=name, params=params, notes=notes, pick_seconds=round(time.perf_counter() - t0, 1))
+    if name is None:
+        row.update(ok=False, category="no_model", error=f"no model under {MAX_PARAMS:.0e} parameters")
+        return row
+    t1 = time.perf_counter()
+    try:
+        model, x = build(name)
+        with torch.no_grad():
+            model(x)
+    except Exception as exc:  # noqa: BLE001
+        row.update(ok=False, category="build", error_type=type(exc).__name__, error=_first_line(exc),
+                   seconds=round(time.perf_counter() - t1, 1))
+        return row
+    row["params"] = sum(p.numel() for p in model.parameters())
+    row["input"] = "x".join(map(str, x.shape[1:]))
+    try:
+        rep = autoalign.check(model, x)
+    except TraceError as exc:
+        row.update(ok=False, category="trace", error_type=type(exc).__name__, error=_first_line(exc),
+                   seconds=round(time.perf_counter() - t1, 1))
+        return row
+    except Exception as exc:  # noqa: BLE001
+        tb = traceback.extract_tb(exc.__traceback__)
+        where = f"{pathlib.Path(tb[-1].filename).name}:{tb[-1].lineno}" if tb else ""
+        row.update(ok=False, category="discovery", error_type=type(exc).__name__, error=_first_line(exc),
+                   where=where, seconds=round(time.perf_counter() - t1, 1))
+        return row
+    row.update(
+        ok32=rep.ok, diff=rep.max_abs_diff, scale=rep.output_scale, tolerance=rep.tolerance,
+        points=rep.points, permuted=rep.permuted, kinds=rep.spec.kind_counts(), coverage=rep.coverage,
+    )
+    ops, reasons = _frozen_summary(model, rep.spec)
+    row.update(no_rule_ops=ops, frozen_reasons=reasons)
+    ok = rep.ok
+    if not rep.ok:
+        try:
+            rep64 = autoalign.check(model.double(), x.double(), spec=rep.spec)
+            row.update(ok64=rep64.ok, diff64=rep64.max_abs_diff, scale64=rep64.output_scale,
+                       tolerance64=rep64.tolerance)
+            ok = rep64.ok
+        except Exception as exc:  # noqa: BLE001
+            row.update(ok64=False, error64=f"{type(exc).__name__}: {_first_line(exc)}")
+    row["ok"] = ok
+    row["category"] = "pass" if rep.ok else ("pass_float64" if ok else "mismatch")
+    row["seconds"] = round(time.perf_counter() - t1, 1)
+    return row
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def all_modules() -> list[str]:
+    from timm.models import list_modules
+
+    return sorted(list_modules())
+
+
+def load() -> dict[str, dict[str, Any]]:
+    return json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+
+
+def save(rows: dict[str, dict[str, Any]]) -> None:
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps(dict(sorted(rows.items())), indent=1) + "\n")
+
+
+def run_in_subprocess(module: str, timeout: float, threads: int) -> dict[str, Any]:
+    cmd = [sys.executable, __file__, "--worker", module, "--threads", str(threads)]
+    t0 = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    except subprocess.TimeoutExpired:
+        return {"module": module, "ok": False, "category": "timeout", "error": f"over {timeout:.0f} s",
+                "seconds": round(time.perf_counter() - t0, 1)}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("ROW "):
+            return json.loads(line[4:])
+    tail = (proc.stderr or "").strip().splitlines()[-3:]
+    return {"module": module, "ok": False, "category": "build", "error_type": f"exit {proc.returncode}",
+            "error": " | ".join(tail)[:500], "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def _commit() -> str:
+    """The autoalign commit the row was measured with (``+dirty`` when the tree had changes)."""
+    here = pathlib.Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
+                             text=True, check=False).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "autoalign"], capture_output=True,
+                               text=True, check=False).stdout.strip()
+        return rev + ("+dirty" if dirty else "")
+    except OSError:
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def _fmt(v: Any, spec: str) -> str:
+    return "" if v is None else format(v, spec)
+
+
+def write_table(rows: dict[str, dict[str, Any]], out: pathlib.Path = TABLE) -> str:
+    """A markdown table of the rows (also written to ``out``); returns the text."""
+    lines = [
+        "| module | model | params (M) | input | result | max abs Δ | tolerance | points | linear | orthogonal | "
+        "permutation | frozen | coverage | seconds |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mod in sorted(rows):
+        r = rows[mod]
+        kc = r.get("kinds") or {}
+        cat = r.get("category", "?")
+        res = {"pass": "yes", "pass_float64": "yes (float64)"}.get(cat, f"**NO: {cat}**")
+        diff = r.get("diff64") if cat == "pass_float64" else r.get("diff")
+        tol = r.get("tolerance64") if cat == "pass_float64" else r.get("tolerance")
+        params = r.get("params")
+        lines.append(
+            f"| {mod} | {r.get('model') or ''} | {_fmt(params / 1e6 if params else None, '.2f')} | "
+            f"{r.get('input', '')} | {res} | {_fmt(diff, '.1e')} | {_fmt(tol, '.1e')} | {r.get('points', '')} | "
+            f"{kc.get('linear', '')} | {kc.get('orthogonal', '')} | {kc.get('permutation', '')} | "
+            f"{kc.get('frozen', '')} | {_fmt(r.get('coverage'), '.3f')} | {_fmt(r.get('seconds'), '.1f')} |"
+        )
+    text = "\n".join(lines) + "\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    return text
+
+
+def summary(rows: dict[str, dict[str, Any]]) -> str:
+    cats: dict[str, list[str]] = {}
+    for mod, r in sorted(rows.items()):
+        cats.setdefault(r.get("category", "?"), []).append(mod)
+    n = len(rows)
+    ok = sum(bool(r.get("ok")) for r in rows.values())
+    parts = [f"{n} modules, {ok} pass ({100 * ok / max(n, 1):.1f} %)"]
+    for c, mods in sorted(cats.items(), key=lambda kv: -len(kv[1])):
+        parts.append(f"  {c}: {len(mods)}" + ("" if c.startswith("pass") else f" ({', '.join(mods)})"))
+    return "\n".join(parts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--modules", help="comma-separated timm.models submodules (default: all)")
+    ap.add_argument("--resume", action="store_true", help="skip modules already in the results JSON")
+    ap.add_argument("--only-failed", action="store_true", help="re-run only modules whose row is not ok")
+    ap.add_argument("--timeout", type=float, default=300.0, help="seconds per module (default 300)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--render", action="store_true", help="only rewrite the markdown table from the JSON")
+    args = ap.parse_args()
+    if args.worker:
+        row = run_module(args.worker, args.threads)
+        print("ROW " + json.dumps(row), flush=True)
+        return
+    rows = load()
+    if args.render:
+        write_table(rows)
+        print(summary(rows))
+        return
+    mods = args.modules.split(",") if args.modules else all_modules()
+    for mod in mods:
+        if args.resume and mod in rows:
+            continue
+        if args.only_failed and rows.get(mod, {}).get("ok"):
+            continue
+        row = run_in_subprocess(mod, args.timeout, args.threads)
+        row["date"] = time.strftime("%Y-%m-%d")
+        row["machine"] = f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} torch thread(s)"
+        row["commit"] = _commit()
+        rows = load()  # another process may have written meanwhile
+        rows[mod] = row
+        save(rows)
+        write_table(rows)
+        print(f"{mod:28s} {row.get('model') or '-':36s} {row['category']:12s} cov={_fmt(row.get('coverage'), '.3f')} "
+              f"{_fmt(row.get('seconds'), '.1f')}s {row.get('error_type', '')} {row.get('error', '')[:160]}", flush=True)
+    print(summary(load()))
+
+
+if __name__ == "__main__":
+    main()
