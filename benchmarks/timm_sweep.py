@@ -123,15 +123,22 @@ def build(name: str, seed: int = 0):
     cfg = timm.get_pretrained_cfg(name)
     cfg = cfg.to_dict() if cfg is not None and hasattr(cfg, "to_dict") else (cfg or {})
     c, h, w = _input_side(cfg)
+    tries: list[tuple[dict[str, Any], int, int]] = []
+    if max(h, w) > MAX_SIDE:  # many transformers take img_size; fall back to the native size
+        tries.append(({"img_size": MAX_SIDE}, MAX_SIDE, MAX_SIDE))
+    tries.append(({}, h, w))
     model = None
-    if max(h, w) > MAX_SIDE:
-        try:  # many transformers take img_size; fall back to the native size
-            model = timm.create_model(name, pretrained=False, num_classes=10, img_size=MAX_SIDE)
-            h = w = MAX_SIDE
+    for i, (kw, hh, ww) in enumerate(tries):
+        try:
+            torch.manual_seed(seed)
+            model = timm.create_model(name, pretrained=False, num_classes=10, **kw).eval()
+            with torch.no_grad():
+                model(torch.randn(2, c, hh, ww))
+            h, w = hh, ww
+            break
         except Exception:  # noqa: BLE001
-            model = None
-    if model is None:
-        model = timm.create_model(name, pretrained=False, num_classes=10)
+            if i == len(tries) - 1:
+                raise
     model.eval()
     break_symmetry(model, seed=seed)
     g = torch.Generator().manual_seed(seed)
@@ -168,6 +175,43 @@ def _frozen_summary(model, spec) -> tuple[dict[str, int], list[str]]:
         short = re.sub(r"args = \(.*?\), kwargs = \{.*?\}", "...", short)
         reasons[short[:300]] = None
     return ops, list(reasons)[:12]
+
+
+_FAILED_IN = re.compile(r"failed inside module '([^']*)'")
+
+
+def _retry_with_leaves(model, x, exc: BaseException, tries: int = 6) -> dict[str, Any]:
+    """The escape hatch a user would take after a TraceError: mark the module it names a
+    leaf (its class, so every instance) and check again; repeat while tracing fails."""
+    import autoalign
+    from autoalign.errors import TraceError
+
+    leaves: list[type] = []
+    t0 = time.perf_counter()
+    for _ in range(tries):
+        m = _FAILED_IN.search(str(exc))
+        if not m or m.group(1) in ("", "<root>"):
+            return {"ok": False, "leaves": [c.__name__ for c in leaves], "error": _first_line(exc)[:300]}
+        cls = type(model.get_submodule(m.group(1)))
+        if cls in leaves:
+            break
+        leaves.append(cls)
+        try:
+            rep = autoalign.check(model, x, leaf_modules=leaves)
+        except TraceError as e:
+            exc = e
+            continue
+        except Exception as e:  # noqa: BLE001
+            return {"ok": False, "leaves": [c.__name__ for c in leaves], "error": f"{type(e).__name__}: {_first_line(e)}"[:300]}
+        ok = rep.ok
+        if not ok:
+            try:
+                ok = autoalign.check(model.double(), x.double(), spec=rep.spec).ok
+            finally:
+                model.float()
+        return {"ok": ok, "ok32": rep.ok, "leaves": [c.__name__ for c in leaves], "coverage": rep.coverage,
+                "kinds": rep.spec.kind_counts(), "seconds": round(time.perf_counter() - t0, 1)}
+    return {"ok": False, "leaves": [c.__name__ for c in leaves], "error": _first_line(exc)[:300]}
 
 
 def _first_line(exc: BaseException) -> str:
@@ -207,6 +251,7 @@ def run_module(module: str, threads: int = 1) -> dict[str, Any]:
     except TraceError as exc:
         row.update(ok=False, category="trace", error_type=type(exc).__name__, error=_first_line(exc),
                    seconds=round(time.perf_counter() - t1, 1))
+        row["with_leaves"] = _retry_with_leaves(model, x, exc)
         return row
     except Exception as exc:  # noqa: BLE001
         tb = traceback.extract_tb(exc.__traceback__)

@@ -42,19 +42,41 @@ def batchnorm_module(ctx: RuleContext) -> Any:
     """``nn.BatchNorm*d``: folded into the producer that alone feeds it, else per-channel."""
     m = ctx.module
     assert isinstance(m, nn.modules.batchnorm._BatchNorm)
-    x = ctx.arg(0, "input")
-    lab = ctx.label(x)
     keys = {a: ctx.module_key(a) for a in ("weight", "bias", "running_mean", "running_var")}
     for k in keys.values():
         ctx.touch(k)
     ctx.touch(ctx.module_key("num_batches_tracked"))
+    return _batchnorm(ctx, ctx.arg(0, "input"), keys, float(m.eps))
+
+
+_METADATA = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"}
+
+
+def _data_users(x: fx.Node) -> int:
+    """Users of ``x`` that read its values: reads of its shape, ``ndim``, ``dtype`` ...
+    (``_assert(x.ndim == 4)`` in timm's ``BatchNormAct2d``) do not count."""
+    n = 0
+    for u in x.users:
+        if u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in _METADATA:
+            continue
+        if u.op == "call_method" and u.target in ("size", "dim"):
+            continue
+        n += 1
+    return n
+
+
+def _batchnorm(ctx: RuleContext, x: Any, keys: dict[str, str | None], eps: float) -> Any:
+    """A BatchNorm in eval mode over axis 1 with the state-dict ``keys`` (``weight``, ``bias``,
+    ``running_mean``, ``running_var``; ``None`` when absent): folded into the producer that
+    alone feeds it, else per-channel (permutations only)."""
+    lab = ctx.label(x)
     if lab is None:
         return None
     vec = ctx.channels(lab, 1)
     prod = ctx.state.producers.get(x.name) if isinstance(x, fx.Node) else None
     foldable = (
         prod is not None
-        and len(x.users) == 1
+        and _data_users(x) == 1
         and keys["running_mean"] is not None
         and keys["running_var"] is not None
         and vec is not None
@@ -64,7 +86,7 @@ def batchnorm_module(ctx: RuleContext) -> Any:
         wkey, bkey, _ = prod
         ctx.state.folds.append(
             FoldedNorm(
-                wkey, bkey, keys["weight"], keys["bias"], keys["running_mean"], keys["running_var"], float(m.eps),
+                wkey, bkey, keys["weight"], keys["bias"], keys["running_mean"], keys["running_var"], eps,
                 ctx.state.producer_axes.get(x.name, 0),
             )
         )
@@ -80,7 +102,7 @@ def batchnorm_module(ctx: RuleContext) -> Any:
         sites[:] = [(ctx.node.name, 1) if n == x.name else (n, a) for n, a in sites]
         return lab
     why = "BatchNorm that cannot be folded into a preceding Linear/Conv (its input is not one used only by it)"
-    _norm_channels(ctx, lab, 1, list(keys.values()), why)
+    _norm_channels(ctx, lab, 1, [k for k in keys.values()], why)
     return lab
 
 
@@ -100,13 +122,25 @@ def _functional_keys(ctx: RuleContext, args: tuple[tuple[int, str], ...]) -> lis
 
 @register_channel_rule(F.batch_norm)
 def batchnorm_function(ctx: RuleContext) -> Any:
-    """``F.batch_norm``: per-channel statistics and affine (never folded)."""
-    lab = ctx.label(ctx.arg(0, "input"))
-    keys = _functional_keys(ctx, ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")))
-    if keys is None:
+    """``F.batch_norm`` with parameter/buffer statistics (what tracing through a BatchNorm
+    subclass such as timm's ``BatchNormAct2d`` gives): in eval mode folded like
+    :func:`batchnorm_module`, else per-channel."""
+    names = ("running_mean", "running_var", "weight", "bias")
+    raw = [ctx.arg(i, n) for i, n in enumerate(names, start=1)]
+    if any(a is not None and not isinstance(a, fx.Node) for a in raw):
         return unknown(ctx, f"{ctx.describe()}: batch_norm statistics are not parameters/buffers")
-    _norm_channels(ctx, lab, 1, keys, "batch_norm (per-channel)")
-    return lab
+    keys = {n: (ctx.param_key(a) if isinstance(a, fx.Node) else None) for n, a in zip(names, raw)}
+    if any(isinstance(a, fx.Node) and keys[n] is None for n, a in zip(names, raw)):
+        return unknown(ctx, f"{ctx.describe()}: batch_norm statistics are not parameters/buffers")
+    for k in keys.values():
+        ctx.touch(k)
+    if ctx.value(ctx.arg(5, "training")):  # batch statistics: nothing to fold
+        lab = ctx.label(ctx.arg(0, "input"))
+        if lab is not None:
+            _norm_channels(ctx, lab, 1, list(keys.values()), "batch_norm with batch statistics (per-channel)")
+        return lab
+    eps = ctx.value(ctx.arg(7, "eps"))
+    return _batchnorm(ctx, ctx.arg(0, "input"), keys, float(1e-5 if eps is None else eps))
 
 
 @register_channel_rule((nn.LayerNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else nn.LayerNorm)
