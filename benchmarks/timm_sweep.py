@@ -150,6 +150,23 @@ def build(name: str, seed: int = 0):
 
 
 _NODE_TARGET = re.compile(r"(call_module|call_function|call_method)\[target=([^\]]+)\]")
+_NODE_CALL = re.compile(r"^%[\w.]+ = (.+?)\(")
+
+
+def _no_rule_op(reason: str, model=None) -> str:
+    """The op a "no channel rule" reason names: a function, ``.method`` or ``name (ModuleClass)``."""
+    m = _NODE_TARGET.search(reason)
+    if m:
+        op, target = m.groups()
+        if op == "call_module" and model is not None:
+            try:
+                sub = model.get_submodule(target)
+                return f"{type(sub).__module__}.{type(sub).__qualname__}"
+            except Exception:  # noqa: BLE001
+                pass
+        return target
+    m = _NODE_CALL.search(reason)
+    return m.group(1) if m else reason[:80]
 
 
 def _frozen_summary(model, spec) -> tuple[dict[str, int], list[str]]:
@@ -160,16 +177,8 @@ def _frozen_summary(model, spec) -> tuple[dict[str, int], list[str]]:
         if p.kind != "frozen" or p.io:
             continue
         r = p.reason or ""
-        m = _NODE_TARGET.search(r)
-        if "no channel rule" in r and m:
-            op, target = m.groups()
-            if op == "call_module":
-                try:
-                    sub = model.get_submodule(target)
-                    target = f"{type(sub).__module__}.{type(sub).__qualname__}"
-                except Exception:  # noqa: BLE001
-                    pass
-            key = f"{op}:{target}"
+        if "no channel rule" in r:
+            key = _no_rule_op(r, model)
             ops[key] = ops.get(key, 0) + 1
         short = re.sub(r"%[\w.]+ : \[num_users=\d+\] = ", "", r)
         short = re.sub(r"args = \(.*?\), kwargs = \{.*?\}", "...", short)
