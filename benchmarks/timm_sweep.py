@@ -378,6 +378,150 @@ def write_table(rows: dict[str, dict[str, Any]], out: pathlib.Path = TABLE) -> s
     return text
 
 
+DOC = pathlib.Path("docs/coverage_timm.md")
+ANALYSIS = pathlib.Path("benchmarks/results/timm/analysis.md")
+EXPORT = pathlib.Path("benchmarks/results/timm/timm_sweep_export.json")
+
+
+def _reason_group(r: dict[str, Any]) -> str:
+    """A short cause of a failure, for grouping."""
+    cat = r.get("category")
+    err = r.get("error", "") or ""
+    if cat == "trace":
+        m = re.search(r"TraceError: (.*?)(\. Mark that|$)", err)
+        inner = m.group(1) if m else err
+        inner = re.sub(r"failed inside module '[^']*' ", "", inner)
+        if "control flow" in inner:
+            return "fx: a traced value used in Python control flow (shape- or value-dependent `if`/loop)"
+        if "iterate" in inner or "Proxy object cannot be iterated" in inner:
+            return "fx: iterating over a traced value"
+        return "fx: " + inner[:120]
+    if cat == "build":
+        return f"model build/forward: {r.get('error_type', '')}: {err[:100]}"
+    if cat == "discovery":
+        return f"discovery: {r.get('error_type', '')} at {r.get('where', '?')}: {err[:100]}"
+    if cat == "mismatch":
+        return "self-check mismatch (float32 and float64)"
+    return CATEGORIES.get(cat, cat)
+
+
+def write_doc(rows: dict[str, dict[str, Any]], out: pathlib.Path = DOC) -> None:
+    """docs/coverage_timm.md: summary, failures grouped by cause, the per-module table."""
+    import timm
+    import torch
+
+    n = len(rows)
+    ok = [m for m, r in rows.items() if r.get("ok")]
+    ok32 = [m for m, r in rows.items() if r.get("category") == "pass"]
+    cats: dict[str, list[str]] = {}
+    for m, r in sorted(rows.items()):
+        cats.setdefault(r.get("category", "?"), []).append(m)
+    missing = [m for m in all_modules() if m not in rows]
+    dates = sorted({r.get("date", "?") for r in rows.values()})
+    machine = sorted({r.get("machine", "?") for r in rows.values()})
+    commits = sorted({r.get("commit", "?") for r in rows.values()})
+    total = sum(r.get("seconds") or 0 for r in rows.values()) + sum(r.get("pick_seconds") or 0 for r in rows.values())
+    L = [
+        "# Self-check and coverage on timm's model zoo",
+        "",
+        f"Produced by `PYTHONPATH=. python benchmarks/timm_sweep.py --resume` then `--doc`, on {', '.join(dates)}; "
+        f"timm {timm.__version__}, torch {torch.__version__}; machine: {'; '.join(machine)} (shared with other "
+        f"jobs), no GPU; autoalign commit(s) {', '.join(commits)}. Sum of per-module times {total / 60:.1f} min "
+        f"(picking the model included). Rows: `benchmarks/results/timm/timm_sweep_results.json`.",
+        "",
+        "**What is measured.** For every `timm.models` submodule that registers models (an *architecture module*; "
+        f"{len(all_modules())} in this timm), the model with the fewest parameters (counted on the meta device; "
+        "timm's cut-down `test_*` models excluded) is built randomly initialised with `num_classes=10, "
+        "pretrained=False`, in eval mode; constant tensors are perturbed and BatchNorm statistics calibrated on random "
+        "images (as for torchvision, `autoalign.examples.zoo`); the input is a batch of 2 at the model's "
+        "`pretrained_cfg` size (224 px instead of a larger native size where the model takes `img_size`). "
+        "`autoalign.check(model, x)` permutes every non-frozen merge point at random and compares outputs, float32; "
+        "a float32 failure is re-checked with the same spec in float64. Each module runs in a subprocess with a "
+        "300 s limit. **ok** means max |Δ| ≤ 1e-4 · max(1, max |output|). **coverage** = (sum of dims of non-frozen "
+        "points) / (sum of dims of all points not on the model's inputs/outputs).",
+        "",
+        f"## Summary",
+        "",
+        f"**{len(ok)} of {n} architecture modules pass ({100 * len(ok) / max(n, 1):.1f} %)**: {len(ok32)} in float32, "
+        f"{len(cats.get('pass_float64', []))} only in float64 (float32 rounding amplified by a deep random net). "
+        + (f"**Not measured (sweep stopped):** {', '.join(missing)}." if missing else "All modules measured."),
+        "",
+        "| category | modules | count |",
+        "|---|---|---|",
+    ]
+    for c in ["pass", "pass_float64", "trace", "discovery", "mismatch", "timeout", "build", "no_model"]:
+        if c in cats:
+            mods = cats[c]
+            L.append(f"| {c}: {CATEGORIES[c]} | {', '.join(mods) if not c.startswith('pass') else '…'} | {len(mods)} |")
+    covs = sorted((r["coverage"], m) for m, r in rows.items() if r.get("ok") and r.get("coverage") is not None)
+    if covs:
+        import statistics
+
+        L += ["", f"Coverage of the passing models: median {statistics.median(c for c, _ in covs):.3f}, "
+              f"{sum(c >= 0.95 for c, _ in covs)} of {len(covs)} at ≥ 0.95, {sum(c < 0.6 for c, _ in covs)} below 0.6 "
+              f"(lowest: {', '.join(f'{m} {c:.2f}' for c, m in covs[:6])})."]
+    # failures grouped by cause
+    groups: dict[str, list[str]] = {}
+    for m, r in sorted(rows.items()):
+        if not r.get("ok"):
+            groups.setdefault(_reason_group(r), []).append(m)
+    if groups:
+        L += ["", "## Every failure, grouped by cause", ""]
+        for g, mods in sorted(groups.items(), key=lambda kv: -len(kv[1])):
+            L.append(f"### {g} ({len(mods)})")
+            L.append("")
+            for m in mods:
+                r = rows[m]
+                line = f"- `{m}` (`{r.get('model')}`): "
+                if r.get("category") == "mismatch":
+                    line += (f"max |Δ| {r.get('diff'):.3g} at output scale {r.get('scale'):.3g} (float32), "
+                             f"{r.get('diff64', float('nan')):.3g} in float64; coverage {r.get('coverage', 0):.3f}")
+                else:
+                    line += f"{r.get('error_type', '')}: {(r.get('error') or '').replace('`', chr(39))[:300]}"
+                wl = r.get("with_leaves")
+                if wl:
+                    if wl.get("ok"):
+                        line += (f" — **with `leaf_modules=[{', '.join(wl['leaves'])}]` the check passes**, coverage "
+                                 f"{wl['coverage']:.3f}")
+                    else:
+                        line += f" — marking the failing module a leaf does not help ({wl.get('error', '')[:150]})"
+                L.append(line)
+            L.append("")
+    # frozen points: ops without a channel rule, and the other reasons
+    ops: dict[str, list[str]] = {}
+    for m, r in sorted(rows.items()):
+        for op in (r.get("no_rule_ops") or {}):
+            ops.setdefault(op, []).append(m)
+    if ops:
+        L += ["## Ops without a channel rule (their coordinates are frozen)", ""]
+        for op, mods in sorted(ops.items(), key=lambda kv: -len(kv[1])):
+            L.append(f"- `{op}`: {', '.join(mods)}")
+        L.append("")
+    low = [(m, r) for m, r in sorted(rows.items()) if r.get("coverage") is not None and r["coverage"] < 0.95]
+    if low:
+        L += ["## Models with coverage below 0.95: why points are frozen", "",
+              "The distinct reasons of frozen points (node names and arguments shortened; at most 12 per model).", ""]
+        for m, r in low:
+            L.append(f"- `{m}` (`{r.get('model')}`, coverage {r['coverage']:.3f}):")
+            for reason in r.get("frozen_reasons", [])[:6]:
+                text = reason.replace("`", "'")[:220]
+                L.append(f"    - `{text}`")
+        L.append("")
+    if EXPORT.exists():
+        ex = json.loads(EXPORT.read_text())
+        L += ["## Trace failures retried through the torch.export front end (separate run)", ""]
+        L += [ex.get("header", "")] if ex.get("header") else []
+        L += ["", "| module | model | result | coverage | note |", "|---|---|---|---|---|"]
+        for m, r in sorted(ex.get("rows", {}).items()):
+            L.append(f"| {m} | {r.get('model')} | {r.get('category')} | {_fmt(r.get('coverage'), '.3f')} | "
+                     f"{(r.get('error') or '').replace('|', '/')[:160]} |")
+        L.append("")
+    if ANALYSIS.exists():
+        L += [ANALYSIS.read_text().strip(), ""]
+    L += ["## Per-module results", "", write_table(rows).strip(), ""]
+    out.write_text("\n".join(L) + "\n")
+
+
 def summary(rows: dict[str, dict[str, Any]]) -> str:
     cats: dict[str, list[str]] = {}
     for mod, r in sorted(rows.items()):
@@ -399,14 +543,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown table from the JSON")
+    ap.add_argument("--doc", action="store_true", help="also write docs/coverage_timm.md from the JSON")
     args = ap.parse_args()
     if args.worker:
         row = run_module(args.worker, args.threads)
         print("ROW " + json.dumps(row), flush=True)
         return
     rows = load()
-    if args.render:
+    if args.render or args.doc:
         write_table(rows)
+        if args.doc:
+            write_doc(rows)
         print(summary(rows))
         return
     mods = args.modules.split(",") if args.modules else all_modules()

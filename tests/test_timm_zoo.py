@@ -165,3 +165,35 @@ def test_concatenated_register_tokens_are_additive():
     assert report.coverage == 1.0, report.spec.table()
     roles = {(a.tensor, a.role) for a in report.spec.axes}
     assert {("cls_token", "additive"), ("reg_token", "additive")} <= roles, roles
+
+
+class _SharedUnderTwoNames(nn.Module):
+    """A depthwise conv registered twice (CoaT's ``cpe1`` is also ``serial_blocks1.0.cpe``):
+    the traced graph reaches one of its names only."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 6, 1)
+        self.cpe = nn.Conv2d(6, 6, 3, padding=1, groups=6)
+        self.blocks = nn.ModuleList([nn.ModuleDict({"cpe": self.cpe, "mlp": nn.Conv2d(6, 6, 1)}) for _ in range(2)])
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        x = self.stem(x)
+        for b in self.blocks:
+            x = x + b["cpe"](x)
+            x = x + b["mlp"](x)
+        return self.head(x)
+
+
+def test_module_registered_under_two_names_is_permuted_once_for_all_its_keys():
+    """The spec lists the model's other keys of a tensor the graph uses as aliases, so the
+    self-check's permuted copy does not load an untransformed copy over it (CoaT failed)."""
+    torch.manual_seed(0)
+    net = break_symmetry(_SharedUnderTwoNames().eval())
+    report = autoalign.check(net, torch.randn(2, 3, 5, 5))
+    assert report.ok, report
+    assert report.permuted == 1
+    names = {k for k in net.state_dict() if k.endswith("cpe.weight")}
+    assert len(names) == 3
+    assert names - set(report.spec.aliases) == {next(iter(names - set(report.spec.aliases)))}
