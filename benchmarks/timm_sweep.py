@@ -81,8 +81,8 @@ def pick_model(module: str) -> tuple[str | None, int | None, list[str]]:
         if c is not None:
             counts[n] = c
     if not counts:  # meta construction failed for all: try the names that look smallest, for real
-        notes.append("meta-device construction failed for all models; picked by building on CPU")
-        for n in sorted(names, key=_size_hint)[:3]:
+        notes.append("meta-device construction failed for all models; built the one whose name looks smallest")
+        for n in sorted(names, key=_size_hint)[:1]:
             try:
                 m = timm.create_model(n, pretrained=False, num_classes=10)
                 counts[n] = sum(p.numel() for p in m.parameters())
@@ -228,7 +228,7 @@ def _first_line(exc: BaseException) -> str:
     return (s[0] if s else "")[:500]
 
 
-def run_module(module: str, threads: int = 1) -> dict[str, Any]:
+def run_module(module: str, threads: int = 1, tracer: str | None = None) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(threads)
@@ -255,8 +255,11 @@ def run_module(module: str, threads: int = 1) -> dict[str, Any]:
         return row
     row["params"] = sum(p.numel() for p in model.parameters())
     row["input"] = "x".join(map(str, x.shape[1:]))
+    kw = {"tracer": tracer} if tracer else {}
+    if tracer:
+        row["tracer"] = tracer
     try:
-        rep = autoalign.check(model, x)
+        rep = autoalign.check(model, x, **kw)
     except TraceError as exc:
         row.update(ok=False, category="trace", error_type=type(exc).__name__, error=_first_line(exc),
                    seconds=round(time.perf_counter() - t1, 1))
@@ -307,8 +310,10 @@ def save(rows: dict[str, dict[str, Any]]) -> None:
     RESULTS.write_text(json.dumps(dict(sorted(rows.items())), indent=1) + "\n")
 
 
-def run_in_subprocess(module: str, timeout: float, threads: int) -> dict[str, Any]:
+def run_in_subprocess(module: str, timeout: float, threads: int, tracer: str | None = None) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--worker", module, "--threads", str(threads)]
+    if tracer:
+        cmd += ["--tracer", tracer]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
@@ -535,6 +540,7 @@ def summary(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def main() -> None:
+    global RESULTS
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--modules", help="comma-separated timm.models submodules (default: all)")
     ap.add_argument("--resume", action="store_true", help="skip modules already in the results JSON")
@@ -542,11 +548,15 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=300.0, help="seconds per module (default 300)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--results", help=f"results JSON (default {RESULTS})")
+    ap.add_argument("--tracer", help="passed to autoalign.check (an autoalign with front ends: fx, export, auto)")
     ap.add_argument("--render", action="store_true", help="only rewrite the markdown table from the JSON")
     ap.add_argument("--doc", action="store_true", help="also write docs/coverage_timm.md from the JSON")
     args = ap.parse_args()
+    if args.results:
+        RESULTS = pathlib.Path(args.results)
     if args.worker:
-        row = run_module(args.worker, args.threads)
+        row = run_module(args.worker, args.threads, args.tracer)
         print("ROW " + json.dumps(row), flush=True)
         return
     rows = load()
@@ -562,14 +572,15 @@ def main() -> None:
             continue
         if args.only_failed and rows.get(mod, {}).get("ok"):
             continue
-        row = run_in_subprocess(mod, args.timeout, args.threads)
+        row = run_in_subprocess(mod, args.timeout, args.threads, args.tracer)
         row["date"] = time.strftime("%Y-%m-%d")
         row["machine"] = f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} torch thread(s)"
         row["commit"] = _commit()
         rows = load()  # another process may have written meanwhile
         rows[mod] = row
         save(rows)
-        write_table(rows)
+        if not args.results:
+            write_table(rows)
         print(f"{mod:28s} {row.get('model') or '-':36s} {row['category']:12s} cov={_fmt(row.get('coverage'), '.3f')} "
               f"{_fmt(row.get('seconds'), '.1f')}s {row.get('error_type', '')} {row.get('error', '')[:160]}", flush=True)
     print(summary(load()))
