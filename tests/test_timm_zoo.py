@@ -197,3 +197,29 @@ def test_module_registered_under_two_names_is_permuted_once_for_all_its_keys():
     names = {k for k in net.state_dict() if k.endswith("cpe.weight")}
     assert len(names) == 3
     assert names - set(report.spec.aliases) == {next(iter(names - set(report.spec.aliases)))}
+
+
+class _NormAndRepeat(nn.Module):
+    """``x.norm`` over the spatial axes (a global-response-norm-like gate) and
+    ``repeat_interleave`` over the batch (GCViT's global query)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 6, 1)
+        self.q = nn.Parameter(torch.randn(1, 6, 1, 1))
+        self.b = nn.Conv2d(6, 4, 1)
+
+    def forward(self, x):
+        x = self.a(x)
+        g = x.norm(p=2, dim=(2, 3), keepdim=True)
+        x = x * g + x
+        q = self.q.repeat_interleave(x.shape[0], dim=0)
+        return self.b(x + q)
+
+
+def test_norm_over_spatial_axes_and_repeat_interleave_keep_coordinates():
+    torch.manual_seed(0)
+    net = _NormAndRepeat().eval()
+    report = autoalign.check(net, torch.randn(3, 3, 5, 5))
+    assert report.ok, report
+    assert report.coverage == 1.0, report.spec.table()

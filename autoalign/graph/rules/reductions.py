@@ -29,13 +29,13 @@ def _dims(d: Any, ndim: int) -> list[int] | None:
     return sorted({x % ndim for x in d})
 
 
-def _reduction(ctx: RuleContext) -> Any:
+def _reduction(ctx: RuleContext, dim_index: int = 1) -> Any:
     """``mean``/``sum``/``amax``/...: keeps coordinates over non-feature axes, restricts across them."""
     x = ctx.arg(0, "input")
     lab = ctx.label(x)
     if lab is None or not isinstance(ctx.out, torch.Tensor):
         return None
-    dims = _dims(ctx.value(ctx.arg(1, "dim")), lab.dim())
+    dims = _dims(ctx.value(ctx.arg(dim_index, "dim")), lab.dim())
     if dims is None or dims == []:
         dims = list(range(lab.dim()))
     vary = set(ctx.varying_axes(lab))
@@ -48,6 +48,15 @@ def _reduction(ctx: RuleContext) -> Any:
 
 register_channel_rule((torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
                        "mean", "sum", "amax", "amin", "std", "var", "logsumexp"), _reduction)
+
+
+def _vector_norm(ctx: RuleContext) -> Any:
+    """``x.norm(p, dim)`` / ``torch.norm`` / ``torch.linalg.vector_norm`` (``dim`` is argument 2):
+    a reduction (ConvNeXt-V2's global response norm takes it over the spatial axes)."""
+    return _reduction(ctx, dim_index=2)
+
+
+register_channel_rule(("norm", torch.norm, torch.linalg.vector_norm), _vector_norm)
 
 
 def _softmax(ctx: RuleContext) -> Any:
