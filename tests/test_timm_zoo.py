@@ -223,3 +223,34 @@ def test_norm_over_spatial_axes_and_repeat_interleave_keep_coordinates():
     report = autoalign.check(net, torch.randn(3, 3, 5, 5))
     assert report.ok, report
     assert report.coverage == 1.0, report.spec.table()
+
+
+class _TokenMixing(nn.Module):
+    """MLP-Mixer's token MLP and gMLP's spatial gating: Linear layers over the token axis."""
+
+    def __init__(self, tokens=5, dim=6):
+        super().__init__()
+        self.embed = nn.Linear(4, dim)
+        self.norm = nn.LayerNorm(dim)
+        self.tok1 = nn.Linear(tokens, 7)
+        self.tok2 = nn.Linear(7, tokens)
+        self.gate = nn.Linear(tokens, tokens)
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.embed(x)
+        x = x + self.tok2(torch.nn.functional.gelu(self.tok1(self.norm(x).transpose(1, 2)))).transpose(1, 2)
+        u, v = x.chunk(2, dim=-1)
+        v = self.gate(v.transpose(-1, -2)).transpose(-1, -2)
+        return self.head(torch.cat([u * v, x[..., 3:]], -1))
+
+
+def test_linear_over_the_token_axis_keeps_channel_coordinates():
+    """A Linear applied across tokens acts on every channel alike: the stream is not frozen
+    (gmlp_ti16 had coverage 0.01); its bias allows permutations only."""
+    torch.manual_seed(0)
+    net = break_symmetry(_TokenMixing().eval())
+    report = autoalign.check(net, torch.randn(2, 5, 4))
+    assert report.ok, report
+    assert report.coverage == 1.0, report.spec.table()
+    assert report.spec.kind_counts()["frozen"] == 1  # the logits
