@@ -254,3 +254,46 @@ def test_linear_over_the_token_axis_keeps_channel_coordinates():
     assert report.ok, report
     assert report.coverage == 1.0, report.spec.table()
     assert report.spec.kind_counts()["frozen"] == 1  # the logits
+
+
+class _TimmLeaves(nn.Module):
+    """timm's SAME-padded and weight-standardised convolutions and SAME pooling."""
+
+    def __init__(self):
+        from timm.layers import Conv2dSame, ScaledStdConv2d, StdConv2d
+        from timm.layers.pool2d_same import AvgPool2dSame
+
+        super().__init__()
+        self.a = Conv2dSame(3, 8, 3, stride=2)
+        self.b = StdConv2d(8, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2d(8)
+        self.c = ScaledStdConv2d(8, 6, 1)
+        self.pool = AvgPool2dSame(3, stride=2)
+        self.head = nn.Conv2d(6, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.a(x))
+        x = torch.relu(self.bn(self.b(x)))
+        return self.head(self.pool(torch.relu(self.c(x))))
+
+
+def test_timm_leaf_modules_have_rules():
+    """As leaves, timm's Conv2dSame / StdConv2d / ScaledStdConv2d / AvgPool2dSame keep every
+    point (fx fails on Conv2dSame and freezes traced std-convs); standardised filters allow
+    permutations only and take no BatchNorm fold."""
+    from autoalign.graph.rules.timm import timm_leaf_modules
+
+    torch.manual_seed(0)
+    net = break_symmetry(_TimmLeaves().eval())
+    x = torch.randn(2, 3, 15, 15)
+    with pytest.raises(autoalign.TraceError):
+        autoalign.check(net, x)
+    leaves = timm_leaf_modules()
+    assert {c.__name__ for c in leaves} >= {"Conv2dSame", "StdConv2d", "ScaledStdConv2d", "AvgPool2dSame"}
+    report = autoalign.check(net, x, leaf_modules=leaves)
+    assert report.ok, report
+    assert report.coverage == 1.0, report.spec.table()
+    kinds = {p.name: p.kind for p in report.spec.points}
+    assert kinds["a"] == "permutation" and kinds["b"] == "permutation" and kinds["c"] == "permutation", kinds
+    assert not report.spec.folds
+    assert ("c.gain", "channel") in {(a.tensor, a.role) for a in report.spec.axes}

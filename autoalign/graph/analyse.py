@@ -17,7 +17,7 @@ from ..errors import SpecError
 from ..trace import as_input_tuple, eval_mode
 from .context import LabelState, ParamOrigin, RuleContext, unique_ids
 from .registry import ChannelRule, RuleTable, find_rule, rule_overrides
-from .rules import register_torchvision_rules  # importing the package registers the built-in rules
+from .rules import register_timm_rules, register_torchvision_rules  # importing the package registers the built-in rules
 from .rules.labels import unknown
 
 __all__ = ["analyse"]
@@ -94,6 +94,7 @@ def analyse(
     """
     overrides = rule_overrides(rules)
     register_torchvision_rules()
+    register_timm_rules()
     inputs = list(as_input_tuple(example_inputs))
     state = LabelState(gm, strict=strict)
     canonical: dict[int, str] = {}

@@ -14,6 +14,7 @@ components, merge points and kinds are worked out afterwards
 :mod:`.attention`         matmul, einsum, scaled dot-product attention, MHA
 :mod:`.builtin`           pointwise/structural ops, pooling and resizing
 :mod:`.torchvision`       torchvision's opaque functions (registered lazily)
+:mod:`.timm`              timm's layers for use as leaf modules (registered lazily)
 ========================  ===================================================
 
 Importing this package registers the built-in rules, in the order of the
@@ -25,6 +26,7 @@ from __future__ import annotations
 # the imports register the rules; their order is the registration order
 from . import labels, producers, norms, elementwise, reductions, concat, attention, builtin  # noqa: F401  isort: skip
 from .labels import pointwise, structural, unknown
+from .timm import register_timm_rules, timm_leaf_modules
 from .torchvision import register_torchvision_rules
 
-__all__ = ["pointwise", "structural", "unknown", "register_torchvision_rules"]
+__all__ = ["pointwise", "structural", "unknown", "register_torchvision_rules", "register_timm_rules", "timm_leaf_modules"]
