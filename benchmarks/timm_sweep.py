@@ -195,7 +195,9 @@ def _retry_with_leaves(model, x, exc: BaseException, tries: int = 6) -> dict[str
     import autoalign
     from autoalign.errors import TraceError
 
-    leaves: list[type] = []
+    from autoalign.graph.rules.timm import timm_leaf_modules
+
+    leaves: list[type] = list(timm_leaf_modules())
     t0 = time.perf_counter()
     for _ in range(tries):
         m = _FAILED_IN.search(str(exc))
@@ -277,6 +279,15 @@ def run_module(module: str, threads: int = 1, tracer: str | None = None) -> dict
     )
     ops, reasons = _frozen_summary(model, rep.spec)
     row.update(no_rule_ops=ops, frozen_reasons=reasons)
+    try:  # timm layers that have a rule as leaves (autoalign.graph.rules.timm): what a user gets with them
+        from autoalign.graph.rules.timm import timm_leaf_modules
+
+        leaves = tuple(timm_leaf_modules())
+        if leaves and any(isinstance(mod, leaves) for mod in model.modules()) and rep.coverage < 1.0:
+            rl = autoalign.check(model, x, leaf_modules=list(leaves))
+            row["with_timm_leaves"] = {"ok": rl.ok, "coverage": rl.coverage, "kinds": rl.spec.kind_counts()}
+    except Exception as exc:  # noqa: BLE001
+        row["with_timm_leaves"] = {"ok": False, "error": f"{type(exc).__name__}: {_first_line(exc)}"[:300]}
     ok = rep.ok
     if not rep.ok:
         try:
