@@ -239,7 +239,8 @@ def run_module(module: str, threads: int = 1, tracer: str | None = None) -> dict
     import autoalign
     from autoalign.errors import TraceError
 
-    row: dict[str, Any] = {"module": module, "timm": timm.__version__, "torch": torch.__version__}
+    row: dict[str, Any] = {"module": module, "timm": timm.__version__, "torch": torch.__version__,
+                           "autoalign_root": str(pathlib.Path(autoalign.__file__).resolve().parent.parent)}
     t0 = time.perf_counter()
     name, params, notes = pick_model(module)
     row.update(model=name, params=params, notes=notes, pick_seconds=round(time.perf_counter() - t0, 1))
@@ -339,9 +340,9 @@ def run_in_subprocess(module: str, timeout: float, threads: int, tracer: str | N
             "error": " | ".join(tail)[:500], "seconds": round(time.perf_counter() - t0, 1)}
 
 
-def _commit() -> str:
+def _commit(root: str | None = None) -> str:
     """The autoalign commit the row was measured with (``+dirty`` when the tree had changes)."""
-    here = pathlib.Path(__file__).resolve().parent.parent
+    here = pathlib.Path(root) if root else pathlib.Path(__file__).resolve().parent.parent
     try:
         rev = subprocess.run(["git", "-C", str(here), "rev-parse", "--short", "HEAD"], capture_output=True,
                              text=True, check=False).stdout.strip()
@@ -586,7 +587,7 @@ def main() -> None:
         row = run_in_subprocess(mod, args.timeout, args.threads, args.tracer)
         row["date"] = time.strftime("%Y-%m-%d")
         row["machine"] = f"{cpu_name()}, {os.cpu_count()} cores, {args.threads} torch thread(s)"
-        row["commit"] = _commit()
+        row["commit"] = _commit(row.get("autoalign_root"))
         rows = load()  # another process may have written meanwhile
         rows[mod] = row
         save(rows)
