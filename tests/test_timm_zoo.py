@@ -297,3 +297,35 @@ def test_timm_leaf_modules_have_rules():
     assert kinds["a"] == "permutation" and kinds["b"] == "permutation" and kinds["c"] == "permutation", kinds
     assert not report.spec.folds
     assert ("c.gain", "channel") in {(a.tensor, a.role) for a in report.spec.axes}
+
+
+class _SplitSum(nn.Module):
+    """ResNeSt's split attention: a conv makes ``radix`` branches, reshaped to
+    (B, radix, C, H, W), gated and summed over the radix axis."""
+
+    def __init__(self, radix=2, c=4):
+        super().__init__()
+        self.radix, self.c = radix, c
+        self.conv = nn.Conv2d(3, radix * c, 3, padding=1)
+        self.gate = nn.Conv2d(c, radix * c, 1)
+        self.out = nn.Conv2d(c, 2, 1)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        b, _, h, w = x.shape
+        x = x.reshape(b, self.radix, self.c, h, w)
+        gap = x.sum(dim=1).mean((2, 3), keepdim=True)
+        a = torch.sigmoid(self.gate(gap)).reshape(b, self.radix, self.c, 1, 1)
+        return self.out((x * a).sum(dim=1))
+
+
+def test_sum_over_feature_slices_identifies_them():
+    """Summing the radix slices combines coordinates elementwise: both branches must take
+    one transform (the self-check of resnest14d failed: each branch was its own point and
+    the sum's output was untracked, so the consumer's columns never moved)."""
+    torch.manual_seed(0)
+    net = break_symmetry(_SplitSum().eval())
+    report = autoalign.check(net, torch.randn(2, 3, 6, 6))
+    assert report.ok, report
+    dims = sorted(p.dim for p in report.spec.points if p.kind != "frozen")
+    assert 4 in dims and report.coverage == 1.0, report.spec.table()

@@ -39,9 +39,25 @@ def _reduction(ctx: RuleContext, dim_index: int = 1) -> Any:
     if dims is None or dims == []:
         dims = list(range(lab.dim()))
     vary = set(ctx.varying_axes(lab))
-    if vary & set(dims):
+    reduced = sorted(vary & set(dims))
+    if reduced and not vary - set(dims):
+        # across all the feature axes: the result does not move with a permutation
         ctx.restrict(lab, "permutation", f"{ctx.describe()}: reduction over feature channels")
         return None
+    if reduced:
+        # the features run along another axis too (ResNeSt's split attention sums its radix
+        # branches, shape (B, radix, C, H, W), over dim 1): the reduction combines the
+        # slices elementwise, like an add, so their coordinates are identified
+        first = lab
+        for ax in reduced:
+            first = first.narrow(ax, 0, 1)
+        slices = lab.movedim(reduced, list(range(len(reduced)))).reshape(-1, *first.movedim(reduced, list(range(len(reduced)))).shape[len(reduced):])
+        base = slices[0]
+        for other in slices[1:]:
+            ctx.union(base, other)
+        if ctx.node.target not in (torch.sum, torch.mean, "sum", "mean"):
+            ctx.restrict(base, "permutation", f"{ctx.describe()}: a nonlinear reduction across feature slices")
+        lab = first
     out = lab.amax(dim=dims, keepdim=True)
     return clean(out.reshape(ctx.out.shape).contiguous())
 
