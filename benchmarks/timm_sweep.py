@@ -517,21 +517,42 @@ def write_doc(rows: dict[str, dict[str, Any]], out: pathlib.Path = DOC) -> None:
     low = [(m, r) for m, r in sorted(rows.items()) if r.get("coverage") is not None and r["coverage"] < 0.95]
     if low:
         L += ["## Models with coverage below 0.95: why points are frozen", "",
-              "The distinct reasons of frozen points (node names and arguments shortened; at most 12 per model).", ""]
+              "The distinct reasons of frozen points (node names and arguments shortened; at most 5 per model).", ""]
         for m, r in low:
             L.append(f"- `{m}` (`{r.get('model')}`, coverage {r['coverage']:.3f}):")
-            for reason in r.get("frozen_reasons", [])[:6]:
+            distinct = dict.fromkeys(re.sub(r"\(add_?\d*\)|\(mul_?\d*\)|\(conv2d_?\d*\)", "(…)",
+                                            re.sub(r"%[\w.]+", "%…", reason)) for reason in r.get("frozen_reasons", []))
+            for reason in list(distinct)[:5]:
                 text = reason.replace("`", "'")[:220]
                 L.append(f"    - `{text}`")
+            wl = r.get("with_timm_leaves")
+            if wl and wl.get("coverage") is not None:
+                L.append(f"    - with `leaf_modules=timm_leaf_modules()`: ok={wl['ok']}, coverage {wl['coverage']:.3f}")
         L.append("")
     if EXPORT.exists():
         ex = json.loads(EXPORT.read_text())
-        L += ["## Trace failures retried through the torch.export front end (separate run)", ""]
-        L += [ex.get("header", "")] if ex.get("header") else []
-        L += ["", "| module | model | result | coverage | note |", "|---|---|---|---|---|"]
-        for m, r in sorted(ex.get("rows", {}).items()):
+        trace_mods = sorted(m for m, r in rows.items() if r.get("category") == "trace")
+        ex_ok = [m for m in trace_mods if ex.get(m, {}).get("ok")]
+        commits = sorted({r.get("commit", "?") for r in ex.values()})
+        L += [
+            "## The trace failures through the torch.export front end (a separate run, not in the figures above)", "",
+            f"Run with `PYTHONPATH=/work/main python benchmarks/timm_sweep.py --modules <the trace failures> --results "
+            f"{EXPORT}`: autoalign from the main branch (commit {', '.join(commits)}), whose `check` defaults to "
+            "`tracer=\"auto\"` (torch.fx first, then torch.export). That branch does not have this sweep's rule fixes. "
+            f"**{len(ex_ok)} of the {len(trace_mods)} fx trace failures pass through it**"
+            + (f" (with them, {len([m for m, r in rows.items() if r.get('ok')]) + len(ex_ok)} of {n} modules, "
+               f"{100 * (len([m for m, r in rows.items() if r.get('ok')]) + len(ex_ok)) / max(n, 1):.1f} %)." if n else "."),
+            "",
+            "| module | model | result | coverage | max abs Δ | error |", "|---|---|---|---|---|---|",
+        ]
+        for m in trace_mods:
+            r = ex.get(m)
+            if r is None:
+                L.append(f"| {m} | | not run | | | |")
+                continue
+            diff = r.get("diff64") if r.get("category") == "pass_float64" else r.get("diff")
             L.append(f"| {m} | {r.get('model')} | {r.get('category')} | {_fmt(r.get('coverage'), '.3f')} | "
-                     f"{(r.get('error') or '').replace('|', '/')[:160]} |")
+                     f"{_fmt(diff, '.1e')} | {(r.get('error_type') or '')} {(r.get('error') or '').replace('|', '/')[:200]} |")
         L.append("")
     if ANALYSIS.exists():
         L += [ANALYSIS.read_text().strip(), ""]
