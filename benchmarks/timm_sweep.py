@@ -195,8 +195,10 @@ def _retry_with_leaves(model, x, exc: BaseException, tries: int = 6) -> dict[str
     import autoalign
     from autoalign.errors import TraceError
 
-    from autoalign.graph.rules.timm import timm_leaf_modules
-
+    try:
+        from autoalign.graph.rules.timm import timm_leaf_modules
+    except ImportError:  # an autoalign without the timm rules
+        timm_leaf_modules = list  # noqa: N806
     leaves: list[type] = list(timm_leaf_modules())
     t0 = time.perf_counter()
     for _ in range(tries):
