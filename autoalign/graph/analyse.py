@@ -19,7 +19,7 @@ from ..trace import as_input_tuple, eval_mode, is_exported
 from .context import LabelState, ParamOrigin, RuleContext, unique_ids
 from .registry import ChannelRule, RuleTable, find_rule, rule_overrides
 from .scopes import ModuleCallNode, ScopeCall, rule_scopes
-from .rules import register_torchvision_rules, register_transformers_rules  # the package registers the built-in rules
+from .rules import register_timm_rules, register_torchvision_rules, register_transformers_rules  # noqa: F401  registers the built-in rules
 from .rules.labels import unknown
 
 __all__ = ["analyse"]
@@ -102,6 +102,7 @@ def analyse(
     overrides = rule_overrides(rules)
     register_torchvision_rules()
     register_transformers_rules()
+    register_timm_rules()
     inputs = list(as_input_tuple(example_inputs))
     state = LabelState(gm, strict=strict)
     canonical: dict[int, str] = {}

@@ -60,7 +60,27 @@ def discover(
     """
     keys = set(model.state_dict(keep_vars=True)) if model is not None else None
     state = analyse(gm, example_inputs, strict=strict, keys=keys, rules=rules, model=model)
+    if model is not None:
+        _model_aliases(state, gm, model)
     return assemble(state, model if model is not None else gm)
+
+
+def _model_aliases(state: Any, gm: fx.GraphModule, model: nn.Module) -> None:
+    """Add the model's other names of the tensors the graph uses as aliases.
+
+    A submodule registered twice (CoaT's ``cpe1`` is also ``serial_blocks1.0.cpe``)
+    gives one tensor several state-dict keys, but the traced graph holds only the path
+    it called; without the other keys, loading a transformed state dict would put the
+    untransformed copies back."""
+    gm_sd = gm.state_dict(keep_vars=True)
+    by_id: dict[int, str] = {}
+    for k in state.param_shapes:
+        v = gm_sd.get(k)
+        if v is not None:
+            by_id.setdefault(id(v), state.aliases.get(k, k))
+    for k, v in model.state_dict(keep_vars=True).items():
+        if k not in state.param_shapes and k not in state.aliases and id(v) in by_id:
+            state.aliases[k] = by_id[id(v)]
 
 
 def find_merge_points(

@@ -71,12 +71,13 @@ _STRUCTURAL_FUNCTIONS = (
     torch.flatten, torch.reshape, torch.permute, torch.transpose, torch.swapaxes, torch.swapdims, torch.movedim,
     torch.squeeze, torch.unsqueeze, torch.narrow, torch.roll, torch.flip, torch.chunk, torch.split, torch.tensor_split,
     torch.unbind, torch.t, torch.unflatten, operator.getitem, F.pad, torch.nn.functional.pixel_shuffle,
-    torch.nn.functional.pixel_unshuffle, torch.channel_shuffle, torch.native_channel_shuffle,
+    torch.nn.functional.pixel_unshuffle, torch.channel_shuffle, torch.native_channel_shuffle, torch.repeat_interleave,
+    torch.tile,
 )
 _STRUCTURAL_METHODS = (
     "view", "reshape", "flatten", "unflatten", "permute", "transpose", "swapaxes", "swapdims", "movedim", "squeeze",
     "unsqueeze", "expand", "expand_as", "view_as", "reshape_as", "repeat", "narrow", "roll", "flip", "chunk", "split",
-    "tensor_split", "unbind", "t", "__getitem__",
+    "tensor_split", "unbind", "t", "__getitem__", "repeat_interleave", "tile",
 )
 _STRUCTURAL_MODULES = (nn.Flatten, nn.Unflatten, nn.ZeroPad1d, nn.ZeroPad2d, nn.ZeroPad3d, nn.PixelShuffle,
                        nn.PixelUnshuffle, nn.ChannelShuffle)

@@ -51,7 +51,7 @@ def cat_rule(ctx: RuleContext) -> Any:
                 vt = ctx.value(t)
                 if o is not None and isinstance(vt, torch.Tensor) and not is_stack:
                     full = ctx.along(base, vt.shape, ax)
-                    if not param_role(ctx, full, o, vt.shape, "additive"):
+                    if not param_role(ctx, full, o, vt.shape, "additive", out_shape=vt.shape):
                         ctx.freeze(base, f"{ctx.describe()}: concatenated with {o.key} in a way no transform can follow")
                 elif isinstance(vt, torch.Tensor):
                     ctx.freeze(base, f"{ctx.describe()}: concatenated with an untracked tensor along a non-feature axis")

@@ -28,11 +28,17 @@ def _broadcast_full(lab: torch.Tensor | None, shape: Sequence[int]) -> torch.Ten
     return lab.expand(*shape) if tuple(lab.shape) != tuple(shape) else lab
 
 
-def param_role(ctx: RuleContext, lab: torch.Tensor, origin: ParamOrigin, other_shape: Sequence[int], role: RoleName) -> bool:
+def param_role(
+    ctx: RuleContext, lab: torch.Tensor, origin: ParamOrigin, other_shape: Sequence[int], role: RoleName,
+    *, out_shape: Sequence[int] | None = None,
+) -> bool:
     """Record the role of a parameter combined elementwise with a labelled tensor.
 
-    Returns False when the combination cannot be expressed (the caller freezes)."""
-    out_shape = tuple(ctx.out.shape)
+    ``out_shape`` is the shape of the combination (default: the node's output; a
+    concatenation passes the parameter operand's own shape, e.g. 4 register tokens of
+    a 201-token output). Returns False when the combination cannot be expressed (the
+    caller freezes)."""
+    out_shape = tuple(ctx.out.shape) if out_shape is None else tuple(out_shape)
     full = _broadcast_full(lab, out_shape)
     idx = origin_index(ctx, origin)
     ndim = len(out_shape)

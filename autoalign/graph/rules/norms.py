@@ -47,6 +47,22 @@ def batchnorm_module(ctx: RuleContext) -> Any:
     return batchnorm_like(ctx, ctx.arg(0, "input"), keys, float(m.eps))
 
 
+_METADATA = {"shape", "ndim", "dtype", "device", "is_cuda", "requires_grad"}
+
+
+def _data_users(x: fx.Node) -> int:
+    """Users of ``x`` that read its values: reads of its shape, ``ndim``, ``dtype`` ...
+    (``_assert(x.ndim == 4)`` in timm's ``BatchNormAct2d``) do not count."""
+    n = 0
+    for u in x.users:
+        if u.op == "call_function" and u.target is getattr and len(u.args) > 1 and u.args[1] in _METADATA:
+            continue
+        if u.op == "call_method" and u.target in ("size", "dim"):
+            continue
+        n += 1
+    return n
+
+
 def batchnorm_like(ctx: RuleContext, x: Any, keys: dict[str, str | None], eps: float) -> Any:
     """A BatchNorm of ``x`` along axis 1 with parameters/buffers ``keys`` (``weight``, ``bias``,
     ``running_mean``, ``running_var``; ``None`` where absent): folded into the producer that
@@ -60,7 +76,7 @@ def batchnorm_like(ctx: RuleContext, x: Any, keys: dict[str, str | None], eps: f
     prod = ctx.state.producers.get(x.name) if isinstance(x, fx.Node) else None
     foldable = (
         prod is not None
-        and len(x.users) == 1
+        and _data_users(x) == 1
         and keys["running_mean"] is not None
         and keys["running_var"] is not None
         and vec is not None
@@ -106,13 +122,22 @@ def functional_keys(ctx: RuleContext, args: tuple[tuple[int, str], ...]) -> list
 
 @register_channel_rule(F.batch_norm)
 def batchnorm_function(ctx: RuleContext) -> Any:
-    """``F.batch_norm``: per-channel statistics and affine (never folded)."""
-    lab = ctx.label(ctx.arg(0, "input"))
-    keys = functional_keys(ctx, ((1, "running_mean"), (2, "running_var"), (3, "weight"), (4, "bias")))
-    if keys is None:
+    """``F.batch_norm`` with parameter/buffer statistics (what tracing through a BatchNorm
+    subclass such as timm's ``BatchNormAct2d`` gives): in eval mode folded like
+    :func:`batchnorm_module`, else per-channel."""
+    names = ("running_mean", "running_var", "weight", "bias")
+    raw = [ctx.arg(i, n) for i, n in enumerate(names, start=1)]
+    if any(a is not None and not isinstance(a, fx.Node) for a in raw):
         return unknown(ctx, f"{ctx.describe()}: batch_norm statistics are not parameters/buffers")
-    norm_channels(ctx, lab, 1, keys, "batch_norm (per-channel)")
-    return lab
+    keys = {n: (ctx.param_key(a) if isinstance(a, fx.Node) else None) for n, a in zip(names, raw)}
+    if any(isinstance(a, fx.Node) and keys[n] is None for n, a in zip(names, raw)):
+        return unknown(ctx, f"{ctx.describe()}: batch_norm statistics are not parameters/buffers")
+    if ctx.value(ctx.arg(5, "training")):  # batch statistics: nothing to fold
+        keys = {**keys, "running_mean": None, "running_var": None}
+        for n, a in zip(names, raw):
+            ctx.touch(ctx.param_key(a) if isinstance(a, fx.Node) else None)
+    eps = ctx.value(ctx.arg(7, "eps"))
+    return batchnorm_like(ctx, ctx.arg(0, "input"), keys, float(1e-5 if eps is None else eps))
 
 
 @register_channel_rule((nn.LayerNorm, nn.RMSNorm) if hasattr(nn, "RMSNorm") else nn.LayerNorm)

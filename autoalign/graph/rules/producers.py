@@ -45,11 +45,33 @@ def _linear_like(ctx: RuleContext, x: Any, wkey: str | None, bkey: str | None, o
     return ctx.along(ids, ctx.out.shape, -1)
 
 
+def _token_mixing(ctx: RuleContext, x: Any, wkey: str | None, bkey: str | None) -> Any:
+    """A Linear over an axis that is not the feature axis (MLP-Mixer's and gMLP's token
+    mixing: ``linear(x.transpose(-1, -2))``): it acts on every channel alike, so the
+    channel coordinates pass (a bias, the same for every channel, allows permutations
+    only). Returns ``NotImplemented`` when the input's features run along its last axis."""
+    lab = ctx.label(x)
+    vary = ctx.varying_axes(lab)
+    if lab is None or len(vary) != 1 or vary[0] == lab.dim() - 1 or not isinstance(ctx.out, torch.Tensor):
+        return NotImplemented
+    ctx.touch(wkey)
+    ctx.touch(bkey)
+    (ax,) = vary
+    vec = ctx.channels(lab, ax)
+    if bkey is not None:
+        ctx.restrict(vec, "permutation", f"{ctx.describe()}: a bias over a non-feature axis, the same for every channel")
+    return clean(ctx.along(vec, ctx.out.shape, ax))
+
+
 @register_channel_rule(nn.Linear)
 def linear_module(ctx: RuleContext) -> Any:
-    """``nn.Linear``: a producer of ``out_features`` coordinates along the last axis."""
+    """``nn.Linear``: a producer of ``out_features`` coordinates along the last axis (or,
+    applied across a non-feature axis, :func:`_token_mixing`)."""
     m = ctx.module
     assert isinstance(m, nn.Linear)
+    mixed = _token_mixing(ctx, ctx.arg(0, "input"), ctx.module_key("weight"), ctx.module_key("bias"))
+    if mixed is not NotImplemented:
+        return mixed
     out = _linear_like(ctx, ctx.arg(0, "input"), ctx.module_key("weight"), ctx.module_key("bias"), m.out_features)
     ctx.state.output_sites.append((ctx.node.name, -1))
     return out
@@ -65,6 +87,9 @@ def linear_function(ctx: RuleContext) -> Any:
     bkey = ctx.param_key(b) if isinstance(b, fx.Node) else None
     if isinstance(b, fx.Node) and bkey is None:
         return unknown(ctx, f"{ctx.describe()}: linear with a bias that is not a parameter")
+    mixed = _token_mixing(ctx, ctx.arg(0, "input"), wkey, bkey)
+    if mixed is not NotImplemented:
+        return mixed
     out = _linear_like(ctx, ctx.arg(0, "input"), wkey, bkey, ctx.value(w).shape[0])
     ctx.state.output_sites.append((ctx.node.name, -1))
     return out

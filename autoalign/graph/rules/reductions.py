@@ -29,25 +29,53 @@ def reduction_dims(d: Any, ndim: int) -> list[int] | None:
     return sorted({x % ndim for x in d})
 
 
-def reduction_rule(ctx: RuleContext) -> Any:
+def reduction_rule(ctx: RuleContext, dim_index: int = 1) -> Any:
     """``mean``/``sum``/``amax``/...: keeps coordinates over non-feature axes, restricts across them."""
     x = ctx.arg(0, "input")
     lab = ctx.label(x)
     if lab is None or not isinstance(ctx.out, torch.Tensor):
         return None
-    dims = reduction_dims(ctx.value(ctx.arg(1, "dim")), lab.dim())
+    dims = reduction_dims(ctx.value(ctx.arg(dim_index, "dim")), lab.dim())
     if dims is None or dims == []:
         dims = list(range(lab.dim()))
     vary = set(ctx.varying_axes(lab))
-    if vary & set(dims):
+    reduced = sorted(vary & set(dims))
+    if reduced and not vary - set(dims):
+        # across all the feature axes: the result does not move with a permutation
         ctx.restrict(lab, "permutation", f"{ctx.describe()}: reduction over feature channels")
         return None
+    if reduced:
+        # the features run along another axis too (ResNeSt's split attention sums its radix
+        # branches, shape (B, radix, C, H, W), over dim 1): the reduction combines the
+        # slices elementwise, like an add, so their coordinates are identified
+        first = lab
+        for ax in reduced:
+            first = first.narrow(ax, 0, 1)
+        slices = lab.movedim(reduced, list(range(len(reduced)))).reshape(-1, *first.movedim(reduced, list(range(len(reduced)))).shape[len(reduced):])
+        base = slices[0]
+        for other in slices[1:]:
+            ctx.union(base, other)
+        linear = ctx.node.target in (torch.sum, torch.mean, "sum", "mean") or str(ctx.node.target).startswith(
+            ("aten.sum.", "aten.mean.")
+        )
+        if not linear:
+            ctx.restrict(base, "permutation", f"{ctx.describe()}: a nonlinear reduction across feature slices")
+        lab = first
     out = lab.amax(dim=dims, keepdim=True)
     return clean(out.reshape(ctx.out.shape).contiguous())
 
 
 register_channel_rule((torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var, torch.logsumexp,
                        "mean", "sum", "amax", "amin", "std", "var", "logsumexp"), reduction_rule)
+
+
+def vector_norm_rule(ctx: RuleContext) -> Any:
+    """``x.norm(p, dim)`` / ``torch.norm`` / ``torch.linalg.vector_norm`` (``dim`` is argument 2):
+    a reduction (ConvNeXt-V2's global response norm takes it over the spatial axes)."""
+    return reduction_rule(ctx, dim_index=2)
+
+
+register_channel_rule(("norm", torch.norm, torch.linalg.vector_norm), vector_norm_rule)
 
 
 def softmax_rule(ctx: RuleContext) -> Any:
