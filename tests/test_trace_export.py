@@ -250,3 +250,24 @@ def test_addmm_is_a_producer_and_repair_without_sites_warns():
     assert autoalign.check(model, x, tracer="export").ok
     with pytest.warns(UserWarning, match="found no site to correct"):
         autoalign.merge([model, AddmmNet()], [x, x], aligner="permutation", repair="repair", tracer="export")
+
+
+class RMSNormed(nn.Module):
+    """``F.rms_norm`` with and without a weight (exported as ``aten.rms_norm``)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.fc3 = nn.Linear(4, 8), nn.Linear(8, 8), nn.Linear(8, 3)
+        self.w = nn.Parameter(torch.rand(8) + 0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = F.rms_norm(self.fc1(x), (8,))
+        return self.fc3(F.rms_norm(self.fc2(h), (8,), self.w))
+
+
+def test_rms_norm_without_a_weight_allows_orthogonal_maps():
+    model, x = RMSNormed().eval(), torch.randn(6, 4)
+    spec = autoalign.find_merge_points(model, x, tracer="export")
+    assert spec.point("fc1").kind == "orthogonal" and spec.point("fc2").kind == "permutation"
+    assert autoalign.check(model, x, spec=spec).ok
+    assert spec_key(spec) == spec_key(autoalign.find_merge_points(model, x, tracer="fx"))

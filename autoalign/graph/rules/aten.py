@@ -18,6 +18,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from ..context import RuleContext
 from ..registry import ChannelRule, register_channel_rule
@@ -249,7 +250,7 @@ def _rms_norm(ctx: RuleContext) -> Any:
         return None
     if len(shape) != 1:
         return unknown(ctx, f"{ctx.describe()}: normalisation over several axes")
-    if keys[0] is None:
+    if not [k for k in keys if k is not None]:  # no weight: x / rms(x) keeps any orthogonal map
         ctx.restrict(ctx.channels(lab, -1), "orthogonal", f"{ctx.name}: rms_norm (statistics over channels)")
         return lab
     norms.norm_channels(ctx, lab, -1, keys, "rms_norm (per-channel weight, statistics over channels)")
@@ -257,6 +258,8 @@ def _rms_norm(ctx: RuleContext) -> Any:
 
 
 _register(("rms_norm",), _rms_norm)
+if hasattr(F, "rms_norm"):  # the functional form takes the same arguments (fx graphs)
+    register_channel_rule(F.rms_norm, _rms_norm)
 
 
 def _instance_norm(ctx: RuleContext) -> Any:
