@@ -35,6 +35,10 @@ import time
 import traceback
 from typing import Any
 
+if str(pathlib.Path(__file__).resolve().parents[1]) not in sys.path:  # appended: PYTHONPATH still picks autoalign
+    sys.path.append(str(pathlib.Path(__file__).resolve().parents[1]))
+from benchmarks.coverage import cpu_name  # noqa: E402
+
 RESULTS = pathlib.Path("benchmarks/results/timm/timm_sweep_results.json")
 TABLE = pathlib.Path("benchmarks/results/timm/timm_sweep_table.md")
 MAX_PARAMS = 200e6  # skip a module's models above this (only vgg's smallest is over 100 M)
@@ -353,17 +357,6 @@ def _commit(root: str | None = None) -> str:
         return rev + ("+dirty" if dirty else "")
     except OSError:
         return "unknown"
-
-
-def cpu_name() -> str:
-    try:
-        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
-        for line in out.splitlines():
-            if line.startswith("Model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def _fmt(v: Any, spec: str) -> str:
