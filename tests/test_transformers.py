@@ -101,11 +101,19 @@ def test_merge_runs_end_to_end(name):
 @pytest.mark.parametrize("aligner", autoalign.list_aligners())
 def test_every_aligner_and_repair_mode_keeps_a_copy(aligner, repair):
     """Every aligner under every repair mode that applies (no BatchNorm: none and REPAIR)
-    gives ``merge([A, A]) == A`` on DistilBERT and GPT-2."""
+    gives ``merge([A, A]) == A`` on DistilBERT and GPT-2. Without repair the merge is exact
+    up to float rounding. REPAIR corrects each batch with that batch's own statistics during
+    its pass, so ``A`` is re-computed only up to the spread of per-batch statistics (as
+    re-estimating BatchNorm statistics is, see tests/test_invariants_batchnorm.py): with 72
+    tokens per batch DistilBERT came back 4.6 % of its logit scale off; with 576 tokens per
+    batch the tests allow 2 % and require the same arg-max on 99 % of the tokens."""
     for name in ("distilbert", "gpt2"):
         a, x = tiny(name)
-        data = [inputs(name, seed=s) for s in range(2, 6)]
+        data = [inputs(name, seed=s, batch=64) for s in range(2, 6)]
         same = autoalign.merge([a, copy.deepcopy(a)], data, aligner=aligner, repair=repair)
-        diff, scale = max_output_diff(logits(a, x), logits(same, x))
-        tol = (1e-4 if repair is None else 2e-3) * max(1.0, scale)
+        want, got = logits(a, data[0]), logits(same, data[0])
+        diff, scale = max_output_diff(want, got)
+        tol = (1e-4 if repair is None else 2e-2) * max(1.0, scale)
         assert diff <= tol, f"{name}, {aligner}, repair={repair}: merge([A, A]) is {diff:.3g} off (scale {scale:.3g})"
+        agree = float((want.argmax(-1) == got.argmax(-1)).float().mean())
+        assert agree >= 0.99, f"{name}, {aligner}, repair={repair}: arg-max agreement {agree:.3f}"
