@@ -1,15 +1,16 @@
 """Checks anyone can run: the self-check of a discovered spec.
 
 :func:`check` proves a spec right on a concrete model: it permutes every
-non-frozen merge point at random, moving every parameter and buffer axis by its
-role, and verifies that the network computes the same function.
+non-frozen merge point at random (rotates each pair of a ``rotary`` point by a
+random angle), moving every parameter and buffer axis by its role, and verifies
+that the network computes the same function.
 """
 
 from __future__ import annotations
 
 import contextlib
-
 import copy
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, Sequence
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .aligners import registry as aligner_registry
+from .aligners.linalg import pair_rotations
 from .apply import transform_state_dict
 from .graph import registry as rule_registry
 from .graph.discover import find_merge_points
@@ -80,7 +82,8 @@ class CheckReport:
 
 
 def random_permutations(spec: MergeSpec, *, seed: int = 0) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """A random permutation ``(P, P^T)`` for every non-frozen merge point.
+    """A random permutation ``(P, P^T)`` for every non-frozen merge point; at ``rotary``
+    points, which allow no permutation, a rotation of each pair by a random angle.
 
     ``P`` has shape ``(d, d)``; ``(P x)_i = x_{perm[i]}``.
     """
@@ -89,8 +92,11 @@ def random_permutations(spec: MergeSpec, *, seed: int = 0) -> dict[str, tuple[to
     for p in spec.points:
         if p.kind == "frozen":
             continue
-        perm = torch.randperm(p.dim, generator=g)
-        P = torch.eye(p.dim, dtype=torch.float64)[perm]
+        if p.kind == "rotary":
+            P = pair_rotations(p.dim, p.pairs, torch.rand(len(p.pairs), generator=g, dtype=torch.float64) * 2 * math.pi)
+        else:
+            perm = torch.randperm(p.dim, generator=g)
+            P = torch.eye(p.dim, dtype=torch.float64)[perm]
         out[p.name] = (P, P.T.contiguous())
     return out
 

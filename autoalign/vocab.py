@@ -48,8 +48,11 @@ NEEDS: tuple[str, ...] = get_args(Needs)
 SelfMoments = Literal["full", "diagonal"]
 SELF_MOMENTS: tuple[str, ...] = get_args(SelfMoments)
 
-#: Transform kinds from the most restricted to the most general.
-Kind = Literal["frozen", "permutation", "orthogonal", "linear"]
+#: Transform kinds from the most restricted to the most general. ``rotary`` (a 2-D rotation
+#: on each pair of coordinates that rotary position embeddings rotate together, the
+#: identity elsewhere) sits beside ``permutation``, not below it: the two groups share only
+#: the identity, so a point restricted to both is frozen (:func:`autoalign.spec.kind_meet`).
+Kind = Literal["frozen", "rotary", "permutation", "orthogonal", "linear"]
 KINDS: tuple[str, ...] = get_args(Kind)
 
 #: Roles a parameter axis can play.

@@ -22,7 +22,7 @@ from ..errors import MergeError
 from ..spec import MergePoint, MergeSpec, kind_rank
 from ..stats import PointStats, Stats
 from ..vocab import Needs, SelfMoments
-from .linalg import is_orthogonal, is_permutation, nearest_orthogonal, nearest_permutation
+from .linalg import is_orthogonal, is_permutation, is_rotary, nearest_orthogonal, nearest_permutation, nearest_rotary
 
 __all__ = ["AlignProblem", "PointPlan", "Plan", "Aligner", "PointwiseAligner", "ReferenceAligner"]
 
@@ -111,9 +111,10 @@ class PointPlan:
     def _with(self, merges: list[torch.Tensor], unmerges: list[torch.Tensor], **changes: Any) -> "PointPlan":
         return replace(self, merges=merges, unmerges=unmerges, **changes)
 
-    def projected_onto(self, kind: str) -> "PointPlan":
+    def projected_onto(self, kind: str, pairs: Sequence[tuple[int, int]] = ()) -> "PointPlan":
         """The plan projected onto the transforms a point of ``kind`` allows (``projected``
-        records it; a plan already of that kind is returned as is).
+        records it; a plan already of that kind is returned as is). ``pairs``: the
+        coordinate pairs of a ``rotary`` point (:attr:`autoalign.MergePoint.pairs`).
 
         Examples
         --------
@@ -133,6 +134,10 @@ class PointPlan:
             if all(is_orthogonal(m) for m in self.merges):
                 return self
             merges = [nearest_orthogonal(m) for m in self.merges]
+        elif kind == "rotary":
+            if all(is_rotary(m, pairs) for m in self.merges):
+                return self
+            merges = [nearest_rotary(m, pairs) for m in self.merges]
         else:
             raise MergeError(f"cannot project onto kind {kind!r}")
         return self._with(merges, [m.T.contiguous() for m in merges], kind=kind, projected=kind)
@@ -206,7 +211,7 @@ class Plan:
             if len(pp.merges) != n_models or len(pp.unmerges) != n_models:
                 raise MergeError(f"aligner {who}: merge point {p.name!r} needs {n_models} merge and unmerge matrices")
             if kind_rank(pp.kind) > kind_rank(p.kind) or p.kind != "linear":
-                self.points[p.name] = pp.projected_onto(p.kind)
+                self.points[p.name] = pp.projected_onto(p.kind, p.pairs)
         return self
 
 

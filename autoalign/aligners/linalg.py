@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["sym_power", "psd_noise", "polar_nearest_identity", "match_permutation", "nearest_permutation", "nearest_orthogonal", "is_permutation"]
+__all__ = ["sym_power", "psd_noise", "polar_nearest_identity", "match_permutation", "nearest_permutation", "nearest_orthogonal", "nearest_rotary",
+           "pair_rotations", "is_permutation", "is_rotary"]
 
 
 def sym_power(s: torch.Tensor, power: float, floor: float = 0.0) -> torch.Tensor:
@@ -107,6 +110,45 @@ def nearest_orthogonal(m: torch.Tensor) -> torch.Tensor:
     """The orthogonal matrix closest to ``m`` in Frobenius norm (polar factor ``U Vᵀ``)."""
     u, _, vt = torch.linalg.svd(m.double())
     return u @ vt
+
+
+def pair_rotations(dim: int, pairs: Sequence[tuple[int, int]], angles: torch.Tensor) -> torch.Tensor:
+    """The ``(dim, dim)`` matrix rotating each coordinate pair ``(i, j)`` by its angle and
+    keeping every other coordinate: ``[[cos, -sin], [sin, cos]]`` on rows and columns ``(i, j)``.
+
+    Examples
+    --------
+    >>> import math
+    >>> pair_rotations(3, [(0, 2)], torch.tensor([math.pi / 2])).round().int().tolist()
+    [[0, 0, -1], [0, 1, 0], [1, 0, 0]]
+    """
+    out = torch.eye(dim, dtype=torch.float64, device=angles.device)
+    if not pairs:
+        return out
+    i, j = (torch.tensor(c, device=angles.device) for c in zip(*pairs))
+    cos, sin = torch.cos(angles.double()), torch.sin(angles.double())
+    out[i, i], out[j, j], out[i, j], out[j, i] = cos, cos, -sin, sin
+    return out
+
+
+def nearest_rotary(m: torch.Tensor, pairs: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """The matrix closest to ``m`` in Frobenius norm among those that rotate each pair in its
+    plane and keep every other coordinate (:func:`pair_rotations`).
+
+    The problem splits by pair: for the block ``[[a, b], [c, d]]`` of rows and columns
+    ``(i, j)`` the nearest rotation has angle ``atan2(c - b, a + d)``.
+    """
+    if not pairs:
+        return torch.eye(m.shape[0], dtype=torch.float64, device=m.device)
+    i, j = (torch.tensor(c, device=m.device) for c in zip(*pairs))
+    m = m.double()
+    angles = torch.atan2(m[j, i] - m[i, j], m[i, i] + m[j, j])
+    return pair_rotations(m.shape[0], pairs, angles)
+
+
+def is_rotary(m: torch.Tensor, pairs: Sequence[tuple[int, int]], atol: float = 1e-8) -> bool:
+    """Whether ``m`` rotates each pair in its plane and keeps every other coordinate (within ``atol``)."""
+    return bool(torch.allclose(m.double(), nearest_rotary(m, pairs), atol=atol))
 
 
 def is_permutation(m: torch.Tensor) -> bool:

@@ -41,7 +41,8 @@ class WeightLayout:
     def __init__(self, spec: MergeSpec, sd: dict[str, torch.Tensor], exclude: Collection[str] = ()) -> None:
         skip = frozenset(exclude)
         self.spec = spec
-        self.active = [i for i, p in enumerate(spec.points) if p.kind != "frozen"]
+        # rotary points allow no permutation but the identity: fixed, like frozen ones
+        self.active = [i for i, p in enumerate(spec.points) if p.kind not in ("frozen", "rotary")]
         act = set(self.active)
         self.keys: dict[str, list[Key]] = {}
         self.entries: dict[Key, list[AxisRole]] = {}

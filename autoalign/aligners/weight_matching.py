@@ -404,7 +404,7 @@ class WeightMatchingAligner(Aligner):
         note = f"weight matching ({info['strategy']}): {info['iterations']} {what}" + (
             "" if info["converged"] else ", not converged"
         )
-        active = [p for p in problem.spec.points if p.kind != "frozen"]
+        active = [p for p in problem.spec.points if p.name in perms[0]]  # rotary points stay the identity
         seconds = (time.perf_counter() - t0) / max(1, len(active))
         plan = Plan()
         for p in active:

@@ -18,6 +18,7 @@ from ..errors import SpecError
 from ..trace import as_input_tuple, eval_mode, is_exported
 from .context import LabelState, ParamOrigin, RuleContext, unique_ids
 from .registry import ChannelRule, RuleTable, find_rule, rule_overrides
+from .rotary import rotary_candidates, rotary_label
 from .scopes import ModuleCallNode, ScopeCall, rule_scopes
 from .rules import register_timm_rules, register_torchvision_rules, register_transformers_rules  # noqa: F401  registers the built-in rules
 from .rules.labels import unknown
@@ -114,6 +115,8 @@ def analyse(
         if first != k:
             state.aliases[k] = first
     scopes = rule_scopes(gm, model, overrides) if model is not None and is_exported(gm) else {}
+    rotary = {n: ms for n, ms in rotary_candidates(gm).items() if n not in scopes}
+    deferred = {m for ms in rotary.values() for m in ms}  # analysed at their sum (see .rotary)
     interp = fx.Interpreter(gm)
     with torch.no_grad(), eval_mode(gm):
         for node in gm.graph.nodes:
@@ -146,6 +149,10 @@ def analyse(
             call = scopes.get(node)
             if call is not None:  # inside a call of a ruled module: its rule runs once, at the output
                 state.labels[node] = _scope_label(state, call, value) if node is call.output else None
+            elif node in deferred:
+                state.labels[node] = None
+            elif node in rotary:
+                state.labels[node] = _rotary_or_ops(state, node, value, rotary[node], overrides)
             else:
                 state.labels[node] = _label_of(state, node, value, overrides)
             _occurrence(state.labels[node], state)
@@ -160,6 +167,20 @@ def _scope_label(state: LabelState, call: ScopeCall, value: Any) -> Any:
     if not _contains_tensor(value):
         return None
     return _check_label(call.output, value, call.rule(RuleContext(state, node, value, module=call.module)))  # type: ignore[arg-type]
+
+
+def _rotary_or_ops(
+    state: LabelState, node: fx.Node, value: Any, products: tuple[fx.Node, fx.Node], overrides: RuleTable | None
+) -> Any:
+    """The label of a candidate rotary sum: the rotary rule's, or else its two products' rules
+    and then its own, as if they had not been deferred."""
+    lab = rotary_label(RuleContext(state, node, value), products)
+    if lab is not None:
+        return lab
+    for m in products:
+        state.labels[m] = _label_of(state, m, state.values[m], overrides)
+        _occurrence(state.labels[m], state)
+    return _label_of(state, node, value, overrides)
 
 
 def _label_of(state: LabelState, node: fx.Node, value: Any, overrides: RuleTable | None) -> Any:

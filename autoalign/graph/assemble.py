@@ -9,7 +9,7 @@ runs them in order:
    same tensors and groups form one merge point;
 4. :func:`_component_kinds`, :func:`_point_names`, :func:`_axis_roles`,
    :func:`_point_kinds`, :func:`_sites`, :func:`_producers`,
-   :func:`_merge_points`, :func:`_spec` — each point's kind, name, parameter
+   :func:`_rotary_pairs`, :func:`_merge_points`, :func:`_spec` — each point's kind, name, parameter
    axes, observation sites and producers, and the spec itself.
 """
 
@@ -25,7 +25,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 from torch import nn
 
-from ..spec import KINDS, AxisRole, MergePoint, MergeSpec, Site, kind_rank, replica_index
+from ..spec import KINDS, AxisRole, MergePoint, MergeSpec, Site, kind_meet, kind_rank, replica_index
 from .context import ZERO, LabelState
 
 __all__ = ["assemble"]
@@ -123,7 +123,24 @@ def _signatures(state: LabelState, comp: np.ndarray, comps: np.ndarray) -> dict[
         splits = np.nonzero(np.diff(pairs[:, 0]))[0] + 1
         for chunk in np.split(pairs, splits):
             sigs[int(chunk[0, 0])] = tuple(chunk[:, 1].tolist())
-    return sigs
+    return _joined_by_rotations(state, comp, sigs)
+
+
+def _joined_by_rotations(state: LabelState, comp: np.ndarray, sigs: dict[int, tuple[int, ...]]) -> dict[int, tuple[int, ...]]:
+    """Components that rotary embeddings rotate together get the union of their signatures,
+    so that each rotated pair lands in one point (``rotate_half`` slices each pair apart;
+    those slices feed only the rotary op, which the pair's rotation commutes with)."""
+    if not state.rotations:
+        return sigs
+    links = np.unique(np.concatenate([comp[ids] for ids, _ in state.rotations]), axis=0)
+    n = comp.max() + 1
+    g = coo_matrix((np.ones(len(links), dtype=np.int8), (links[:, 0], links[:, 1])), shape=(n, n))
+    _, cluster = connected_components(g, directed=False)
+    joined: dict[int, set[int]] = defaultdict(set)
+    for c, sig in sigs.items():
+        joined[int(cluster[c])].update(sig)
+    linked = set(links.reshape(-1).tolist())
+    return {c: tuple(sorted(joined[int(cluster[c])])) if c in linked else sig for c, sig in sigs.items()}
 
 
 def _partition(
@@ -160,11 +177,11 @@ def _component_kinds(state: LabelState, comp: np.ndarray) -> tuple[np.ndarray, d
     io = np.zeros(comp.max() + 1, dtype=bool)
     for arr, kind, why, is_io in state.constraints:
         cs = np.unique(comp[arr])
-        r = kind_rank(kind)
-        lower = cs[rank[cs] > r]
-        rank[lower] = r
-        for c in lower.tolist():
-            reason[c] = why
+        met = kind_meet(rank[cs], kind_rank(kind))
+        lower = met != rank[cs]
+        for c, both in zip(cs[lower].tolist(), (met[lower] == 0).tolist()):
+            reason[c] = f"{why}; and {reason[c]}" if both and c in reason else why
+        rank[cs] = met
         if is_io:
             io[cs] = True
     return rank, reason, io
@@ -205,6 +222,13 @@ def _axis_roles(state: LabelState, part: _Partition) -> list[AxisRole]:
     return axes
 
 
+def _meet_all(ranks: np.ndarray) -> int:
+    """The meet (:func:`autoalign.spec.kind_meet`) of a non-empty array of kind ranks."""
+    low = int(ranks.min())
+    rest = ranks[ranks != low]
+    return kind_meet(low, int(rest.min())) if rest.size else low
+
+
 def _point_kinds(
     part: _Partition, rank: np.ndarray, reason: dict[int, str], io: np.ndarray, axes: list[AxisRole]
 ) -> tuple[list[int], list[str | None], list[bool]]:
@@ -218,12 +242,15 @@ def _point_kinds(
         Kind rank, reason and input/output flag of each point.
     """
     groups, dims = part.groups, part.dims
-    p_rank = [min(int(rank[c]) for c in cs) for cs in groups]
+    p_rank = [_meet_all(rank[cs]) for cs in groups]
     p_reason: list[str | None] = []
     p_io: list[bool] = []
     for p, cs in enumerate(groups):
         worst = min(cs, key=lambda c: rank[c])
-        p_reason.append(reason.get(worst) if p_rank[p] < kind_rank("linear") else None)
+        why = reason.get(worst)
+        if rank[worst] > p_rank[p]:  # rotary and permutation components in one point
+            why = "; and ".join(dict.fromkeys(reason[c] for c in cs if c in reason))
+        p_reason.append(why if p_rank[p] < kind_rank("linear") else None)
         p_io.append(bool(io[cs].any()) and p_rank[p] == 0)
     for ax in axes:
         for p in ax.points():
@@ -231,10 +258,48 @@ def _point_kinds(
             if replica_index(pos, ax.local_of[pos], dims[p]) is None and p_rank[p] > 0:
                 p_rank[p] = 0
                 p_reason[p] = f"coordinates occur unevenly along {ax.tensor} axis {ax.axis}"
-            if ax.role == "channel" and p_rank[p] > kind_rank("permutation"):
-                p_rank[p] = kind_rank("permutation")
-                p_reason[p] = f"per-channel tensor {ax.tensor}"
+            met = kind_meet(p_rank[p], kind_rank("permutation"))
+            if ax.role == "channel" and met != p_rank[p]:
+                p_reason[p] = f"per-channel tensor {ax.tensor}" + (f"; and {p_reason[p]}" if met == 0 else "")
+                p_rank[p] = met
     return p_rank, p_reason, p_io
+
+
+def _rotary_pairs(
+    state: LabelState, part: _Partition, p_rank: list[int], p_reason: list[str | None]
+) -> list[tuple[tuple[int, int], ...]]:
+    """Step 4 (rotary points): the coordinate pairs of each ``rotary`` point, from the pairs the
+    rotary rule recorded. A point whose pairs overlap, or a pair split across two points,
+    freezes (``p_rank`` and ``p_reason`` are updated in place).
+
+    Returns
+    -------
+    list of tuple of (int, int)
+        Per point its sorted local coordinate pairs; empty for points of other kinds.
+    """
+    found: list[set[tuple[int, int]]] = [set() for _ in part.groups]
+    for ids, why in state.rotations:
+        pt, lo = part.to_points(ids)
+        for (p, q), (i, j) in zip(pt.tolist(), lo.tolist()):
+            if p < 0 or q < 0:
+                continue
+            if p != q:
+                for r in (p, q):
+                    p_rank[r], p_reason[r] = 0, f"{why}: a rotated pair spans two merge points"
+                continue
+            found[p].add((min(i, j), max(i, j)))
+    out: list[tuple[tuple[int, int], ...]] = []
+    for p, pairs in enumerate(found):
+        if p_rank[p] != kind_rank("rotary"):
+            out.append(())
+            continue
+        flat = [c for pair in pairs for c in pair]
+        if len(set(flat)) != len(flat):
+            p_rank[p], p_reason[p] = 0, f"{p_reason[p]}: a coordinate is rotated with two different partners"
+            out.append(())
+            continue
+        out.append(tuple(sorted(pairs)))
+    return out
 
 
 def _sites(state: LabelState, part: _Partition) -> list[list[Site]]:
@@ -297,6 +362,7 @@ def _merge_points(
     p_io: list[bool],
     sites: list[list[Site]],
     producers: list[tuple[str, ...]],
+    pairs: list[tuple[tuple[int, int], ...]],
 ) -> list[MergePoint]:
     """Step 4: the :class:`MergePoint` of each point from the per-point results."""
     dims = part.dims
@@ -309,6 +375,7 @@ def _merge_points(
             io=p_io[p],
             producers=producers[p],
             sites=tuple(sites[p]),
+            pairs=pairs[p],
         )
         for p in range(len(part.groups))
     ]
@@ -351,7 +418,8 @@ def assemble(state: LabelState, model: nn.Module | None = None) -> MergeSpec:
     names = _point_names(state, part, starts)
     axes = _axis_roles(state, part)
     p_rank, p_reason, p_io = _point_kinds(part, rank, reason, io, axes)
+    pairs = _rotary_pairs(state, part, p_rank, p_reason)
     sites = _sites(state, part)
     producers = _producers(state, part, starts)
-    points = _merge_points(part, names, p_rank, p_reason, p_io, sites, producers)
+    points = _merge_points(part, names, p_rank, p_reason, p_io, sites, producers, pairs)
     return _spec(state, model, points, axes)

@@ -31,7 +31,7 @@ __all__ = ["ZERO", "UNTRACKED", "KindName", "RoleName", "SiteKind", "ParamOrigin
 ZERO = 0
 UNTRACKED = -1
 
-KindName = Literal["frozen", "permutation", "orthogonal", "linear"]
+KindName = Literal["frozen", "rotary", "permutation", "orthogonal", "linear"]
 """A transform kind (:data:`autoalign.spec.KINDS`), from most to least restricted."""
 RoleName = Literal["output", "input", "channel", "additive", "folded"]
 """The role of a parameter axis (:data:`autoalign.spec.ROLES`)."""
@@ -91,6 +91,7 @@ class LabelState:
     aliases: dict[str, str] = field(default_factory=dict)
     output_sites: list[tuple[str, int]] = field(default_factory=list)
     projected_sites: list[tuple[str, int, str, str | None, torch.Tensor]] = field(default_factory=list)
+    rotations: list[tuple[np.ndarray, str]] = field(default_factory=list)  # ((k, 2) coordinate pairs, reason)
 
     # ------------------------------------------------------------------ ids
     def fresh(self, n: int, owner: str) -> torch.Tensor:
@@ -357,6 +358,16 @@ class RuleContext:
         if ids is None:
             return
         self.state.restrict(self._ids(ids), kind, reason)
+
+    def rotate_pairs(self, pairs: torch.Tensor, reason: str) -> None:
+        """Allow only rotations of each coordinate pair in its plane (kind ``rotary``).
+
+        ``pairs`` is an ``(k, 2)`` tensor of coordinate ids, the pairs that rotary position
+        embeddings rotate together (:mod:`autoalign.graph.rules.rotary`).
+        """
+        arr = np.unique(np.sort(pairs.numpy().reshape(-1, 2), 1), axis=0)
+        self.state.rotations.append((arr, reason))
+        self.state.restrict(arr, "rotary", reason)
 
     def freeze(self, ids: Any, reason: str, *, io: bool = False) -> None:
         """Freeze coordinates (no transform at all)."""

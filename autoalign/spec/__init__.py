@@ -32,7 +32,7 @@ Roles
 
 from ..vocab import FEATURES, KINDS, ROLES
 from .merge_spec import SPEC_FORMAT_VERSION, MergeSpec
-from .parts import AxisRole, FoldedNorm, MergePoint, Site, kind_rank, replica_index
+from .parts import AxisRole, FoldedNorm, MergePoint, Site, kind_meet, kind_rank, replica_index
 
 __all__ = [
     "KINDS",
@@ -45,5 +45,6 @@ __all__ = [
     "FoldedNorm",
     "MergeSpec",
     "kind_rank",
+    "kind_meet",
     "replica_index",
 ]

@@ -12,17 +12,42 @@ import torch
 from ..errors import SpecError
 from ..vocab import KINDS, ROLES
 
-__all__ = ["kind_rank", "replica_index", "index_along", "dataclass_eq", "Site", "MergePoint", "AxisRole", "FoldedNorm"]
+__all__ = ["kind_rank", "kind_meet", "replica_index", "index_along", "dataclass_eq", "Site", "MergePoint", "AxisRole", "FoldedNorm"]
 
 _KIND_RANK = {k: i for i, k in enumerate(KINDS)}
 
 
 def kind_rank(kind: str) -> int:
-    """Rank of a transform kind: 0 for ``frozen`` up to 3 for ``linear``."""
+    """Rank of a transform kind: 0 for ``frozen`` up to 4 for ``linear`` (``rotary`` is 1,
+    ``permutation`` 2; the two are not nested, see :func:`kind_meet`)."""
     try:
         return _KIND_RANK[kind]
     except KeyError:
         raise SpecError(f"unknown transform kind {kind!r}; expected one of {KINDS}") from None
+
+
+_ROTARY, _PERMUTATION = _KIND_RANK["rotary"], _KIND_RANK["permutation"]
+
+
+def kind_meet(a: Any, b: Any) -> Any:
+    """The rank of the most general kind allowed by both ranks ``a`` and ``b`` (ints or arrays).
+
+    The kinds are subgroups: permutation ⊂ orthogonal ⊂ linear and rotary ⊂ orthogonal, but
+    rotations of coordinate pairs and permutations share only the identity, so their meet
+    is ``frozen``; every other meet is the lower rank.
+
+    Examples
+    --------
+    >>> names = {kind_rank(k): k for k in KINDS}
+    >>> names[kind_meet(kind_rank("rotary"), kind_rank("orthogonal"))]
+    'rotary'
+    >>> names[kind_meet(kind_rank("rotary"), kind_rank("permutation"))]
+    'frozen'
+    """
+    low = np.minimum(a, b)
+    clash = np.logical_and(low == _ROTARY, np.maximum(a, b) == _PERMUTATION)
+    out = np.where(clash, _KIND_RANK["frozen"], low)
+    return int(out) if np.ndim(out) == 0 else out
 
 
 def replica_index(positions: np.ndarray, locals_: np.ndarray, dim: int) -> np.ndarray | None:
@@ -151,7 +176,7 @@ class MergePoint:
         Number of coordinates ``d``; transforms of this point are ``(d, d)``.
     kind : str
         Most general transform that keeps the network well-formed: one of
-        ``"linear"``, ``"orthogonal"``, ``"permutation"``, ``"frozen"``.
+        ``"linear"``, ``"orthogonal"``, ``"permutation"``, ``"rotary"``, ``"frozen"``.
     reason : str or None
         Why the kind is restricted (names the node responsible); ``None`` for
         ``linear`` points.
@@ -162,6 +187,10 @@ class MergePoint:
         Nodes that create the point's coordinates.
     sites : tuple of Site
         Tensors where the point's features are observed (consumer inputs first).
+    pairs : tuple of (int, int)
+        For a ``rotary`` point: the coordinate pairs that rotary position embeddings
+        rotate together; its transforms rotate each pair in its plane and keep the
+        other coordinates. Empty for every other kind.
 
     Examples
     --------
@@ -182,8 +211,10 @@ class MergePoint:
     io: bool = False
     producers: tuple[str, ...] = ()
     sites: tuple[Site, ...] = ()
+    pairs: tuple[tuple[int, int], ...] = ()
 
     def to_dict(self) -> dict[str, Any]:
+        extra = {"pairs": [list(p) for p in self.pairs]} if self.pairs else {}
         return {
             "name": self.name,
             "dim": self.dim,
@@ -192,7 +223,16 @@ class MergePoint:
             "io": self.io,
             "producers": list(self.producers),
             "sites": [s.to_dict() for s in self.sites],
+            **extra,
         }
+
+    def __post_init__(self) -> None:
+        if bool(self.pairs) != (self.kind == "rotary"):
+            raise SpecError(f"merge point {self.name!r}: coordinate pairs belong to rotary points, and every "
+                            f"rotary point needs them (kind {self.kind!r}, {len(self.pairs)} pairs)")
+        flat = [i for pair in self.pairs for i in pair]
+        if len(set(flat)) != len(flat) or any(not 0 <= i < self.dim for i in flat):
+            raise SpecError(f"merge point {self.name!r}: rotary pairs must be disjoint coordinates in [0, {self.dim})")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "MergePoint":
@@ -205,6 +245,7 @@ class MergePoint:
             io=bool(d.get("io", False)),
             producers=tuple(d.get("producers", ())),
             sites=tuple(Site.from_dict(s) for s in d.get("sites", ())),
+            pairs=tuple((int(i), int(j)) for i, j in d.get("pairs", ())),
         )
 
 
