@@ -276,12 +276,29 @@ def _pipeline(models: Sequence[nn.Module], calib: Calibration, opts: MergeOption
     return SCHEME_FUNCTIONS[opts.scheme](work, calib, spec, al, reference, w, opts, timings)
 
 
+def resolved_device(device: torch.device | str) -> torch.device:
+    """``device`` with its index filled in: ``"cuda"`` is the current CUDA device (``cuda:0``
+    unless changed), so that a model already there is recognised and not copied.
+
+    Examples
+    --------
+    >>> resolved_device("cpu")
+    device(type='cpu')
+    """
+    dev = torch.device(device)
+    if dev.index is not None or dev.type in ("cpu", "meta"):
+        return dev
+    current = getattr(torch, dev.type, None)
+    index = current.current_device() if current is not None and hasattr(current, "current_device") and current.is_available() else 0
+    return torch.device(dev.type, index)
+
+
 def _on_device(models: Sequence[nn.Module], device: torch.device | str | None) -> list[nn.Module]:
     """The models, each copied to ``device`` unless already there."""
     if device is None:
         return list(models)
-    dev = torch.device(device)
-    return [m if all(p.device == dev for p in m.parameters()) else copy.deepcopy(m).to(dev) for m in models]
+    dev = resolved_device(device)
+    return [m if all(resolved_device(p.device) == dev for p in m.parameters()) else copy.deepcopy(m).to(dev) for m in models]
 
 
 def _merge_selected(

@@ -58,12 +58,12 @@ def main() -> None:
             "date": time.strftime("%Y-%m-%d")}
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps({**meta, "rows": rows}, indent=1) + "\n")
-    print("| model | fx traces | points (linear / orthogonal / permutation / frozen) | coverage | self-check max abs diff (tolerance) | discover + check s |")
+    print("| model | fx traces | points (linear / orthogonal / permutation / rotary / frozen) | coverage | self-check max abs diff (tolerance) | discover + check s |")
     print("|---|---|---|---|---|---|")
     for r in rows:
         k = r["kinds"]
         print(f"| {r['model']} | {'yes' if r['fx_traces'] else 'no'} | {r['points']} ({k['linear']} / {k['orthogonal']} / "
-              f"{k['permutation']} / {k['frozen']}) | {r['coverage']:.3f} | {'ok' if r['ok'] else 'FAILED'} "
+              f"{k['permutation']} / {k['rotary']} / {k['frozen']}) | {r['coverage']:.3f} | {'ok' if r['ok'] else 'FAILED'} "
               f"{r['max_abs_diff']:.1e} ({r['tolerance']:.0e}) | {r['discover_seconds']:.1f} + {r['check_seconds']:.1f} |")
 
 

@@ -321,3 +321,16 @@ def test_merge_takes_channel_rules_for_one_call():
     assert kinds(ruled)["0"] == "linear"  # with the pointwise rule, the hidden layer is a merge point
     assert [p.name for p in ruled.report.points] == ["0"] and not plain.report.points
     assert registered_rules() == before
+
+
+def test_a_device_without_index_means_the_current_one(monkeypatch):
+    """``merge(device="cuda")`` must not copy models already on ``cuda:0`` (the current device):
+    ``torch.device("cuda") != torch.device("cuda:0")``, so the index is resolved first."""
+    from autoalign.merge import resolved_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    assert resolved_device("cuda") == torch.device("cuda:0") == resolved_device(torch.device("cuda", 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    assert resolved_device("cuda") == torch.device("cuda:1") != resolved_device("cuda:0")
+    assert resolved_device("cpu") == torch.device("cpu")
