@@ -147,7 +147,7 @@ def test_vit_per_head_points():
         assert cols.role == "input"
         np.testing.assert_array_equal(cols.point_of, np.repeat(vv, HD))
         np.testing.assert_array_equal(cols.local_of, np.tile(np.arange(HD), HEADS))
-    assert spec.kind_counts() == {"linear": 6, "orthogonal": 4, "permutation": 1, "frozen": 1}
+    assert spec.kind_counts() == {"linear": 6, "orthogonal": 4, "permutation": 1, "rotary": 0, "frozen": 1}
 
 
 def test_vit_orthogonal_and_linear_head_transforms_are_exact():

@@ -80,7 +80,7 @@ def test_mlp_one_point_per_hidden_layer():
 
     assert spec.tensors_of("0") == ["0.bias", "0.weight", "2.weight"]
     assert spec.tensors_of("2") == ["2.bias", "2.weight", "4.weight"]
-    assert spec.kind_counts() == {"linear": 2, "orthogonal": 0, "permutation": 0, "frozen": 1}
+    assert spec.kind_counts() == {"linear": 2, "orthogonal": 0, "permutation": 0, "rotary": 0, "frozen": 1}
     assert spec.coverage() == 1.0  # the io point is left out of coverage
     assert spec.unused == []
     assert "frozen" in spec.table() and "model output" in spec.table()
