@@ -6,7 +6,9 @@ git-re-basin's "permutation spec", but generated, not written by hand:
 
 * a list of :class:`MergePoint` — groups of feature coordinates that must share one
   transform, each with a dimension ``dim``, the most general transform ``kind`` it
-  admits, and the reason when that kind is restricted;
+  admits (``linear``, ``orthogonal``, ``permutation``, ``rotary`` — rotations of
+  coordinate pairs, with the pairs in ``pairs`` — or ``frozen``; see
+  :func:`kind_meet`), and the reason when that kind is restricted;
 * a list of :class:`AxisRole` — for every parameter/buffer axis that indexes
   feature coordinates, which merge point (and which coordinate of it) each position
   of the axis holds, and the role of the axis (how a transform moves it);
