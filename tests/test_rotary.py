@@ -223,3 +223,18 @@ def test_every_aligner_returns_pair_rotations_at_rotary_points(rope_models, alig
         for m in range(2):
             assert is_rotary(pp.merges[m], point.pairs) and is_rotary(pp.unmerges[m], point.pairs)
             assert torch.allclose(pp.unmerges[m] @ pp.merges[m], torch.eye(point.dim, dtype=torch.float64))
+
+
+def test_procrustes_solves_rotary_points_within_their_group(rope_models):
+    """The default aligner maximises ``tr(Qᵀ C)`` among pair rotations, which is at least what
+    projecting its unconstrained (orthogonal) answer onto the pairs gives."""
+    from autoalign.aligners.procrustes import procrustes_transform
+
+    a, b, calib, _ = rope_models
+    result = autoalign.merge_with_report([a, b], calib, aligner="procrustes", repair=None)
+    for point in qk_points(result.spec):
+        c = result.stats.points[point.name].cov(0, 1)
+        q = result.plan.points[point.name].merges[1]
+        assert torch.allclose(q, nearest_rotary(c, point.pairs))
+        projected = nearest_rotary(procrustes_transform(c)[0], point.pairs)
+        assert float(torch.trace(q.T @ c)) >= float(torch.trace(projected.T @ c)) - 1e-12

@@ -22,7 +22,7 @@ import torch
 from ..spec import MergePoint
 from ..stats import PointStats
 from .base import ReferenceAligner
-from .linalg import polar_nearest_identity, psd_noise
+from .linalg import nearest_rotary, polar_nearest_identity, psd_noise
 from .lstsq import matched_correlation
 from .registry import register_aligner
 
@@ -77,7 +77,9 @@ class ProcrustesAligner(ReferenceAligner):
     sits between activation matching (Li et al. 2016), whose permutations are
     orthogonal too, and CCA Merge (Horoi et al., ICML 2024), whose map tends to
     ``Q_m`` times a scalar as its ridge grows. The score is the mean correlation of
-    each reference feature with the same coordinate of ``Q_m y``.
+    each reference feature with the same coordinate of ``Q_m y``. At a ``rotary`` point
+    ``Q_m`` maximises the same ``tr(Qᵀ C_xy)`` among rotations of the point's coordinate
+    pairs (per pair the angle of ``atan2(c − b, a + d)`` of the block ``[[a, b], [c, d]]``).
 
     Parameters
     ----------
@@ -118,10 +120,14 @@ class ProcrustesAligner(ReferenceAligner):
         if "noise" not in self.reference_cache:  # the reference's rounding level: once per point
             self.reference_cache["noise"] = psd_noise(stats.corr(ref, ref) if self.standardize else cxx)
         ref_noise = self.reference_cache["noise"]
+        target = stats.corr(ref, m) if self.standardize else cxy
+        if point.kind == "rotary":  # the maximiser of tr(Qᵀ C) among rotations of the point's pairs
+            q = nearest_rotary(target, point.pairs)
+            return q, q.T.contiguous(), matched_correlation(cxx, cyy, cxy, q), None
         if self.standardize:
-            q, rank = procrustes_transform(stats.corr(ref, m), max(ref_noise, psd_noise(stats.corr(m, m))))
+            q, rank = procrustes_transform(target, max(ref_noise, psd_noise(stats.corr(m, m))))
         else:
-            q, rank = procrustes_transform(cxy, max(ref_noise, psd_noise(cyy)))
+            q, rank = procrustes_transform(target, max(ref_noise, psd_noise(cyy)))
         note = None
         if rank < point.dim:
             note = f"model {m}: cross-covariance of rank {rank} < {point.dim}; on its null space the rotation nearest the identity"
