@@ -28,6 +28,7 @@ statistics come from elsewhere changes by that re-estimation too.
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import pytest
 import torch
@@ -121,12 +122,15 @@ def digits() -> tuple[torch.Tensor, torch.Tensor]:
     return x, y
 
 
-def train_model(cls: type[nn.Module], seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
+def train_model(cls: type[nn.Module], seed: int, x: torch.Tensor, y: torch.Tensor, *, epochs: int = 4,
+                optimizer: Callable[..., torch.optim.Optimizer] | None = None) -> nn.Module:
+    """``cls()`` trained from ``seed`` on ``(x, y)`` in batches of 64 (SGD with momentum unless
+    ``optimizer(parameters)`` makes another), in eval mode."""
     torch.manual_seed(seed)
     model = cls()
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    opt = optimizer(model.parameters()) if optimizer else torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     g = torch.Generator().manual_seed(seed)
-    for _ in range(4):
+    for _ in range(epochs):
         perm = torch.randperm(len(y), generator=g)
         for i in range(0, len(y) - 63, 64):
             idx = perm[i : i + 64]

@@ -26,7 +26,7 @@ from autoalign.aligners.linalg import is_rotary, nearest_rotary, pair_rotations
 from autoalign.errors import SpecError
 from autoalign.spec import KINDS, MergePoint, kind_meet, kind_rank
 
-from test_invariants_batchnorm import check_computes, digits  # noqa: F401  (digits: a fixture)
+from test_invariants_batchnorm import check_computes, digits, train_model  # noqa: F401  (digits: a fixture)
 
 HEADS, HEAD_DIM, WIDTH = 2, 8, 16
 
@@ -171,27 +171,12 @@ def test_rotary_points_carry_valid_pairs_through_json():
 # ----------------------------------------------------------------------------- merging, trained
 
 
-def train(seed: int, x: torch.Tensor, y: torch.Tensor) -> nn.Module:
-    torch.manual_seed(seed)
-    model = RopeNet()
-    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
-    g = torch.Generator().manual_seed(seed)
-    for _ in range(10):
-        perm = torch.randperm(len(y), generator=g)
-        for i in range(0, len(y) - 63, 64):
-            idx = perm[i : i + 64]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    return model.eval()
-
-
 @pytest.fixture(scope="module")
 def rope_models(digits):
     x, y = digits
     xtr, ytr, xte, yte = x[:1200], y[:1200], x[1200:1600], y[1200:1600]
-    a, b = train(0, xtr, ytr), train(1, xtr, ytr)
+    adam = lambda params: torch.optim.Adam(params, lr=5e-3)  # noqa: E731
+    a, b = (train_model(RopeNet, s, xtr, ytr, epochs=10, optimizer=adam) for s in (0, 1))
     with torch.no_grad():
         acc = [float((m(xte).argmax(1) == yte).float().mean()) for m in (a, b)]
     assert min(acc) > 0.75, f"the rotary nets did not train: {acc}"  # 81-83 % measured; chance is 10 %
