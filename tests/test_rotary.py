@@ -223,3 +223,20 @@ def test_procrustes_solves_rotary_points_within_their_group(rope_models):
         assert torch.allclose(q, nearest_rotary(c, point.pairs))
         projected = nearest_rotary(procrustes_transform(c)[0], point.pairs)
         assert float(torch.trace(q.T @ c)) >= float(torch.trace(projected.T @ c)) - 1e-12
+
+
+def test_a_rule_cannot_ask_for_rotary_without_pairs():
+    from autoalign.graph.rules.labels import pointwise
+
+    class Spin(nn.Module):
+        def forward(self, x):
+            return x
+
+    def rule(ctx):
+        lab = pointwise(ctx)
+        ctx.restrict(lab, "rotary", "no pairs given")
+        return lab
+
+    net = nn.Sequential(nn.Linear(3, 4), Spin(), nn.Linear(4, 2))
+    with pytest.raises(SpecError, match="rotate_pairs"):
+        autoalign.find_merge_points(net, torch.randn(2, 3), leaf_modules=[Spin], rules={Spin: rule})

@@ -354,7 +354,12 @@ class RuleContext:
         return unique_ids(torch.as_tensor(ids).reshape(-1), self.state.next_id).numpy()
 
     def restrict(self, ids: Any, kind: KindName, reason: str) -> None:
-        """Allow at most ``kind`` transforms for the given coordinates; ``reason`` names why."""
+        """Allow at most ``kind`` transforms for the given coordinates; ``reason`` names why.
+        (The ``rotary`` kind needs its coordinate pairs: :meth:`rotate_pairs`.)"""
+        if kind == "rotary":
+            from ..errors import SpecError
+
+            raise SpecError(f"{self.describe()}: the rotary kind needs coordinate pairs; use ctx.rotate_pairs(pairs, reason)")
         if ids is None:
             return
         self.state.restrict(self._ids(ids), kind, reason)
