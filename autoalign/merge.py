@@ -31,6 +31,7 @@ from .select import Selection, heldout_loss, selection_candidates, split_batches
 from .spec import MergeSpec
 from .stages import choose_reference, discover
 from .trace import Tracer
+from .trace.reuse import reuse_exports
 from .validate import validate_models
 from .vocab import Averaging, BatchNormMode, Features, Precision, Repair, Scheme
 
@@ -247,7 +248,7 @@ def run(models: Sequence[nn.Module], data: Iterable[Any] | Calibration, opts: Me
     opts.check(len(models))
     calib = opts.calibration(data)
     progress = calib.progress
-    with progress.session() as outermost:
+    with progress.session() as outermost, reuse_exports():  # one torch.export for all the models
         result = _pipeline(models, calib, opts)
         if outermost:
             progress.summary(result.report.timings)

@@ -271,3 +271,46 @@ def test_rms_norm_without_a_weight_allows_orthogonal_maps():
     assert spec.point("fc1").kind == "orthogonal" and spec.point("fc2").kind == "permutation"
     assert autoalign.check(model, x, spec=spec).ok
     assert spec_key(spec) == spec_key(autoalign.find_merge_points(model, x, tracer="fx"))
+
+
+def test_a_merge_exports_once_and_reuses_the_graph_for_every_model(monkeypatch):
+    """Inside a merge the graph exported for the reference serves the other models (their own
+    parameters swapped in): one torch.export call for 3 models, and the merge invariants hold."""
+    import sys
+
+    export_module = sys.modules["autoalign.trace.export"]
+    calls = []
+    real = export_module._export
+    monkeypatch.setattr(export_module, "_export", lambda *a, **k: calls.append(1) or real(*a, **k))
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, 3))
+    others = [copy.deepcopy(net) for _ in range(2)]
+    data = [torch.randn(32, 6) for _ in range(2)]
+    merged = autoalign.merge([net, *others], data, tracer="export", repair=None)
+    assert len(calls) == 1
+    with torch.no_grad():
+        assert torch.allclose(merged(data[0]), net(data[0]), atol=1e-5)
+
+
+def test_a_reused_graph_must_compute_the_model_or_it_is_exported_afresh():
+    """Same class, same parameter names and shapes, different forward (a flag): the second model
+    gets its own graph, which computes its own function."""
+    from autoalign.trace.reuse import reuse_exports
+
+    class Flagged(nn.Module):
+        def __init__(self, flip: bool) -> None:
+            super().__init__()
+            self.flip, self.fc = flip, nn.Linear(4, 4)
+
+        def forward(self, x):
+            y = self.fc(x)
+            return -y if self.flip else y
+
+    a, b = Flagged(False), Flagged(True)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(3, 4)
+    with reuse_exports():
+        ga = trace(a, x, tracer="export")
+        gb = trace(b, x, tracer="export")
+    with torch.no_grad():
+        assert torch.equal(ga(x), a(x)) and torch.equal(gb(x), b(x)) and not torch.equal(gb(x), a(x))

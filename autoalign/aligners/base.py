@@ -135,8 +135,8 @@ class PointPlan:
                 return self
             merges = [nearest_orthogonal(m) for m in self.merges]
         elif kind == "rotary":
-            if all(is_rotary(m, pairs) for m in self.merges):
-                return self
+            if all(is_rotary(m, pairs) for m in self.merges):  # e.g. procrustes solves within the group
+                return self if self.kind in ("rotary", "permutation") else replace(self, kind="rotary")
             merges = [nearest_rotary(m, pairs) for m in self.merges]
         else:
             raise MergeError(f"cannot project onto kind {kind!r}")

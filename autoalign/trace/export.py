@@ -27,6 +27,7 @@ from torch import nn
 
 from ..errors import TraceError
 from .common import as_input_tuple, eval_mode, propagate_shapes
+from .reuse import exported_for
 
 __all__ = ["export_trace", "module_output_nodes", "scope_of", "is_exported"]
 
@@ -112,18 +113,28 @@ def export_trace(model: nn.Module, example_inputs: Any, *, shapes: bool = True) 
             f"could not export {type(model).__name__}: torch.export needs example inputs (tensors), got none"
         )
     cls = type(model).__name__
-    with eval_mode(model), _no_kv_cache(model):
-        try:
-            ep = _export(model, inputs)
-        except Exception as exc:  # noqa: BLE001 - re-raised with context
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            raise TraceError(f"could not export {cls} with torch.export: {type(exc).__name__}: {first}") from exc
-        gm = ep.module()
-    gm.meta["autoalign_frontend"] = "export"
-    for node in gm.graph.nodes:
-        scope = scope_of(node)
-        if scope:
-            node.meta["autoalign_scope"] = scope
+
+    def export() -> fx.GraphModule:
+        with eval_mode(model), _no_kv_cache(model):
+            try:
+                ep = _export(model, inputs)
+            except Exception as exc:  # noqa: BLE001 - re-raised with context
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+                raise TraceError(f"could not export {cls} with torch.export: {type(exc).__name__}: {first}") from exc
+            gm = ep.module()
+        gm.meta["autoalign_frontend"] = "export"
+        for node in gm.graph.nodes:
+            scope = scope_of(node)
+            if scope:
+                node.meta["autoalign_scope"] = scope
+        return gm
+
+    @contextlib.contextmanager
+    def verify() -> Iterator[None]:
+        with eval_mode(model), _no_kv_cache(model):
+            yield
+
+    gm = exported_for(model, inputs, export, verify)
     if shapes:
         with eval_mode(model):
             propagate_shapes(gm, inputs, cls)
