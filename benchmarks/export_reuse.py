@@ -27,7 +27,6 @@ import time
 import torch
 
 import autoalign
-import autoalign.merge as merge_module
 from autoalign.examples.transformers import tiny_inputs, tiny_transformer
 
 OUT = pathlib.Path(__file__).parent / "results" / "export" / "export_reuse.json"
@@ -36,6 +35,7 @@ OUT = pathlib.Path(__file__).parent / "results" / "export" / "export_reuse.json"
 def one(name: str, n: int, reuse: bool) -> dict:
     """One merge of ``n`` tiny ``name`` models; export calls counted."""
     export_module = sys.modules["autoalign.trace.export"]
+    merge_module = sys.modules["autoalign.merge"]  # (autoalign.merge is the function)
     real, calls = export_module._export, []
 
     def counted(*args, **kwargs):
