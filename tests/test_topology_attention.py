@@ -310,3 +310,52 @@ def test_attention_head_transforms_are_exact(cls):
     other = cls().double()
     other.load_state_dict(sd)
     torch.testing.assert_close(other(x), net(x))
+
+
+class ConcatBiasAttention(nn.Module):
+    """Attention whose qkv bias is ``cat(q_bias, zeros, v_bias)`` (BEiT, EVA): the key bias is a
+    zero buffer, outside the state dict."""
+
+    def __init__(self, d: int = 8, heads: int = 2, zeros: bool = True) -> None:
+        super().__init__()
+        self.heads = heads
+        self.embed = nn.Linear(4, d)
+        self.qkv = nn.Linear(d, 3 * d, bias=False)
+        self.q_bias, self.v_bias = nn.Parameter(torch.randn(d)), nn.Parameter(torch.randn(d))
+        self.register_buffer("k_bias", torch.zeros(d) if zeros else torch.randn(d), persistent=False)
+        self.proj = nn.Linear(d, d)
+        self.head = nn.Linear(d, 3)
+
+    def forward(self, x):
+        h = self.embed(x)
+        b, t, d = h.shape
+        qkv = F.linear(h, self.qkv.weight, torch.cat((self.q_bias, self.k_bias, self.v_bias)))
+        q, k, v = qkv.view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        att = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(b, t, d)
+        return self.head(torch.relu(h + self.proj(att)).mean(1))
+
+
+@pytest.mark.parametrize("tracer", ["fx", "export"])
+def test_a_bias_concatenated_from_parameters_and_zeros_is_a_producer_bias(tracer):
+    torch.manual_seed(0)
+    net, x = ConcatBiasAttention().eval(), torch.randn(5, 6, 4)
+    report = autoalign.check(net, x, tracer=tracer)
+    assert report.ok and report.output_scale > 0.1, str(report)
+    roles = {(a.tensor, a.role) for a in report.spec.axes}
+    assert {("q_bias", "output"), ("v_bias", "output")} <= roles
+    assert report.coverage == 1.0 and report.spec.kind_counts()["orthogonal"] == 2, report.spec.table()
+    # a key bias that is not zero cannot follow a map of the key coordinates: frozen, named
+    torch.manual_seed(0)
+    spec = autoalign.find_merge_points(ConcatBiasAttention(zeros=False).eval(), x, tracer=tracer)
+    assert spec.coverage() < 1.0 and any("concatenated" in (p.reason or "") for p in spec.points)
+
+
+@pytest.mark.parametrize("aligner", ["cca", "procrustes", "permutation", "zipit"])
+def test_merging_through_a_concatenated_bias_keeps_a_copy(aligner):
+    torch.manual_seed(0)
+    a, b = ConcatBiasAttention().eval(), ConcatBiasAttention().eval()
+    data = [torch.randn(32, 6, 4) for _ in range(2)]
+    merged = autoalign.merge([a, b], data, aligner=aligner, weights=(1, 0), repair=None)
+    with torch.no_grad():
+        assert torch.allclose(merged(data[0]), a(data[0]), atol=1e-4)
+    assert torch.equal(merged.k_bias, torch.zeros(8))

@@ -77,20 +77,61 @@ def linear_module(ctx: RuleContext) -> Any:
     return out
 
 
+_CATS = {torch.cat, torch.concat, torch.ops.aten.cat.default}
+
+
+def bias_pieces(ctx: RuleContext, b: Any) -> list[tuple[str | None, int, int]] | None:
+    """A 1-D bias as ``[(key, start, stop)]`` pieces: one parameter, or a concatenation of
+    parameters and zeros (the qkv bias of BEiT, EVA and others: ``cat(q_bias, zeros, v_bias)``;
+    ``key`` is ``None`` for zeros, which any map of the output coordinates keeps zero).
+    ``None`` when the bias is neither."""
+    key = ctx.param_key(b)
+    value = ctx.value(b)
+    if not isinstance(value, torch.Tensor) or value.dim() != 1:
+        return None
+    if key is not None:
+        return [(key, 0, value.numel())]
+    if not (isinstance(b, fx.Node) and b.op == "call_function" and b.target in _CATS and b.args):
+        return None
+    dim = b.args[1] if len(b.args) > 1 else b.kwargs.get("dim", 0)
+    if dim not in (0, -1) or not isinstance(b.args[0], (list, tuple)):
+        return None
+    pieces, start = [], 0
+    for part in b.args[0]:
+        v = ctx.value(part)
+        if not isinstance(v, torch.Tensor) or v.dim() != 1:
+            return None
+        k = ctx.param_key(part)
+        if k is None and (ctx.label(part) is not None or bool((v != 0).any())):
+            return None
+        pieces.append((k, start, start + v.numel()))
+        start += v.numel()
+    return pieces
+
+
 @register_channel_rule(F.linear)
 def linear_function(ctx: RuleContext) -> Any:
-    """``F.linear`` whose weight (and bias) are parameters; else :func:`unknown`."""
+    """``F.linear`` whose weight is a parameter and whose bias, if any, a parameter or a
+    concatenation of parameters and zeros (:func:`bias_pieces`); else :func:`unknown`."""
     w, b = ctx.arg(1, "weight"), ctx.arg(2, "bias")
     wkey = ctx.param_key(w)
     if wkey is None:
         return unknown(ctx, f"{ctx.describe()}: linear with a weight that is not a parameter")
-    bkey = ctx.param_key(b) if isinstance(b, fx.Node) else None
-    if isinstance(b, fx.Node) and bkey is None:
-        return unknown(ctx, f"{ctx.describe()}: linear with a bias that is not a parameter")
-    mixed = _token_mixing(ctx, ctx.arg(0, "input"), wkey, bkey)
+    pieces = bias_pieces(ctx, b) if isinstance(b, fx.Node) else []
+    if pieces is None:
+        return unknown(ctx, f"{ctx.describe()}: linear with a bias that is not a parameter (nor parameters and zeros concatenated)")
+    keys = [k for k, _, _ in pieces if k is not None]
+    mixed = _token_mixing(ctx, ctx.arg(0, "input"), wkey, keys[0] if keys else None)
     if mixed is not NotImplemented:
+        for key in keys:
+            ctx.touch(key)
         return mixed
+    bkey = pieces[0][0] if len(pieces) == 1 else None
     out = _linear_like(ctx, ctx.arg(0, "input"), wkey, bkey, ctx.value(w).shape[0])
+    if len(pieces) > 1:
+        ids = ctx.state.producers[ctx.node.name][2]
+        for key, start, stop in pieces:
+            ctx.role(key, 0, "output", ids[start:stop])
     ctx.state.output_sites.append((ctx.node.name, -1))
     return out
 
