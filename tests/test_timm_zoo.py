@@ -330,3 +330,20 @@ def test_sum_over_feature_slices_identifies_them():
     assert report.ok, report
     dims = sorted(p.dim for p in report.spec.points if p.kind != "frozen")
     assert 4 in dims and report.coverage == 1.0, report.spec.table()
+
+
+def test_beit_qkv_bias_concatenated_with_a_zero_key_bias_keeps_the_stream():
+    """BEiT's qkv bias is ``cat(q_bias, k_bias, v_bias)`` with ``k_bias`` a zero buffer: each
+    parameter piece is a producer bias, so nothing hidden is frozen."""
+    torch.manual_seed(0)
+    m = timm.create_model("beit_base_patch16_224", pretrained=False, num_classes=10, img_size=64, depth=2,
+                          embed_dim=96, num_heads=4).eval()
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if n.endswith(("q_bias", "v_bias")):
+                p.normal_(0, 0.1)
+            if n.startswith("head."):  # outputs of order ten: the check could fail
+                p.normal_(0, 1.0)
+    report = autoalign.check(m, torch.randn(2, 3, 64, 64))
+    assert report.ok and report.output_scale > 1.0, str(report)
+    assert report.coverage == 1.0, report.spec.table()
