@@ -314,3 +314,24 @@ def test_a_reused_graph_must_compute_the_model_or_it_is_exported_afresh():
         gb = trace(b, x, tracer="export")
     with torch.no_grad():
         assert torch.equal(ga(x), a(x)) and torch.equal(gb(x), b(x)) and not torch.equal(gb(x), a(x))
+
+
+def test_advanced_indexing_moves_labels_through_export():
+    """``y[:, idx]`` with an index buffer exports as ``aten.index.Tensor``: the gathered tokens keep
+    their channel coordinates, as ``getitem`` does under fx."""
+
+    class Gather(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a, self.b = nn.Linear(4, 8), nn.Linear(8, 3)
+            self.register_buffer("idx", torch.tensor([2, 0, 1, 1]))
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x))[:, self.idx]).sum(1)
+
+    torch.manual_seed(0)
+    net, x = Gather().eval(), torch.randn(2, 3, 4)
+    gm = trace(net, x, tracer="export")
+    assert any(n.target is torch.ops.aten.index.Tensor for n in gm.graph.nodes)
+    report = autoalign.check(net, x, tracer="export")
+    assert report.ok and report.coverage == 1.0 and report.permuted == 1, report.spec.table()

@@ -70,6 +70,19 @@ _register((
 ), structural)
 
 
+def _index(ctx: RuleContext) -> Any:
+    """``aten.index.Tensor`` (advanced indexing, ``x[idx]``): moves elements like ``getitem``
+    under fx, provided the indices carry no features (else :func:`unknown`). Swin v2 gathers
+    its position-bias MLP's per-head outputs this way."""
+    indices = ctx.arg(1, "indices")
+    if any(ctx.label(i) is not None for i in (indices if isinstance(indices, (list, tuple)) else [indices])):
+        return unknown(ctx, f"{ctx.describe()}: indices computed from features")
+    return structural(ctx)
+
+
+_register(("index",), _index)
+
+
 def _constant(ctx: RuleContext) -> Any:
     """``new_zeros``, ``zeros_like``, ... : a tensor shaped (or typed) like the input, whose values
     do not depend on it; nothing is frozen (Swin's attention mask is built this way)."""
