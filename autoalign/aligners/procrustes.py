@@ -121,7 +121,7 @@ class ProcrustesAligner(ReferenceAligner):
             self.reference_cache["noise"] = psd_noise(stats.corr(ref, ref) if self.standardize else cxx)
         ref_noise = self.reference_cache["noise"]
         target = stats.corr(ref, m) if self.standardize else cxy
-        if point.kind == "rotary":  # the maximiser of tr(Qᵀ C) among rotations of the point's pairs
+        if getattr(point, "kind", None) == "rotary":  # the maximiser of tr(Qᵀ C) among rotations of the point's pairs
             q = nearest_rotary(target, point.pairs)
             return q, q.T.contiguous(), matched_correlation(cxx, cyy, cxy, q), None
         if self.standardize:
