@@ -55,7 +55,10 @@ def break_symmetry(model: nn.Module, *, seed: int = 0) -> nn.Module:
     Fresh models initialise BatchNorm/LayerNorm affines and statistics, biases and
     layer scales to constants, which are invariant under any permutation: a
     self-check on such a model could not notice a missing role. Constant tensors
-    are multiplied by ``U(0.5, 1.5)`` noise (zeros get ``N(0, 0.02)``).
+    are multiplied by ``U(0.5, 1.5)`` noise (zeros get ``N(0, 0.02)``). Constants
+    near zero (``|c| < 1e-2``: layer scales start at 1e-5 or 1e-6 in ConvNeXt, CaiT,
+    EVA, DeiT III) become ``U(0.5, 1.5)``: at their initial size the residual branch
+    they scale hardly reaches the output, so a wrong spec inside it would pass.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -66,6 +69,8 @@ def break_symmetry(model: nn.Module, *, seed: int = 0) -> nn.Module:
             if bool((flat == flat[0]).all()):
                 if float(flat[0]) == 0.0:
                     t.copy_(0.02 * torch.randn(t.shape, generator=g))
+                elif abs(float(flat[0])) < 1e-2:
+                    t.copy_(0.5 + torch.rand(t.shape, generator=g))
                 else:
                     t.mul_(0.5 + torch.rand(t.shape, generator=g))
     return model
