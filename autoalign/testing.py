@@ -25,6 +25,7 @@ from .graph.discover import find_merge_points
 from .graph.registry import ChannelRule
 from .spec import MergeSpec
 from .trace import Tracer, as_input_tuple, eval_mode
+from .trace.common import flat_tensors
 
 __all__ = ["CheckReport", "check", "check_aligner", "permute_model", "random_permutations", "max_output_diff", "isolated_registries"]
 
@@ -113,21 +114,9 @@ def permute_model(model: nn.Module, spec: MergeSpec, *, seed: int = 0) -> nn.Mod
     return out
 
 
-def _flat_tensors(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, (list, tuple)):
-        return [t for y in x for t in _flat_tensors(y)]
-    if isinstance(x, dict):
-        return [t for k in sorted(x) for t in _flat_tensors(x[k])]
-    if hasattr(x, "_asdict"):
-        return _flat_tensors(tuple(x))
-    return []
-
-
 def max_output_diff(a: Any, b: Any) -> tuple[float, float]:
     """Largest absolute difference between two (nested) outputs, and the scale of ``a``."""
-    ta, tb = _flat_tensors(a), _flat_tensors(b)
+    ta, tb = flat_tensors(a), flat_tensors(b)
     if len(ta) != len(tb):
         raise ValueError("outputs have different structures")
     diff = max((float((x.double() - y.double()).abs().max()) for x, y in zip(ta, tb) if x.numel()), default=0.0)

@@ -12,7 +12,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from ..errors import TraceError
 
-__all__ = ["as_input_tuple", "eval_mode", "propagate_shapes", "failing_node"]
+__all__ = ["as_input_tuple", "eval_mode", "propagate_shapes", "failing_node", "flat_tensors"]
 
 
 def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
@@ -28,6 +28,26 @@ def as_input_tuple(example_inputs: Any) -> tuple[Any, ...]:
     raise TypeError(
         f"example_inputs must be a tensor or a tuple of positional arguments, got {type(example_inputs).__name__}"
     )
+
+
+def flat_tensors(x: Any) -> list[torch.Tensor]:
+    """The tensors of a (nested) model output in a fixed order: lists and tuples in order,
+    dicts (and Hugging Face output objects) by sorted key, named tuples by field.
+
+    Examples
+    --------
+    >>> [t.item() for t in flat_tensors({"b": torch.tensor(2), "a": [torch.tensor(1), None]})]
+    [1, 2]
+    """
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for y in x for t in flat_tensors(y)]
+    if isinstance(x, dict):
+        return [t for k in sorted(x) for t in flat_tensors(x[k])]
+    if hasattr(x, "_asdict"):
+        return flat_tensors(tuple(x))
+    return []
 
 
 @contextlib.contextmanager

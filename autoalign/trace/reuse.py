@@ -23,6 +23,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .common import flat_tensors
+
 __all__ = ["reuse_exports", "exported_for"]
 
 _CACHE: ContextVar[dict[Any, fx.GraphModule] | None] = ContextVar("autoalign_export_reuse", default=None)
@@ -61,23 +63,11 @@ def _key(model: nn.Module, inputs: tuple[Any, ...]) -> Any:
     )
 
 
-def _flat(x: Any) -> list[torch.Tensor]:
-    if isinstance(x, torch.Tensor):
-        return [x]
-    if isinstance(x, dict):
-        return [t for k in sorted(x) for t in _flat(x[k])]
-    if isinstance(x, (list, tuple)):
-        return [t for y in x for t in _flat(y)]
-    if hasattr(x, "to_tuple"):  # Hugging Face ModelOutput
-        return _flat(x.to_tuple())
-    return []
-
-
 def _computes(gm: fx.GraphModule, model: nn.Module, inputs: tuple[Any, ...]) -> bool:
     """Whether ``gm`` gives ``model``'s outputs on ``inputs`` (to float rounding)."""
     try:
         with torch.no_grad():
-            want, got = _flat(model(*inputs)), _flat(gm(*inputs))
+            want, got = flat_tensors(model(*inputs)), flat_tensors(gm(*inputs))
     except Exception:  # noqa: BLE001 - a graph that cannot run is not the model's
         return False
     if not want or len(want) != len(got):
