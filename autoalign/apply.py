@@ -117,6 +117,14 @@ def _as_permutation(mat: torch.Tensor) -> torch.Tensor | None:
     return mat.argmax(1)
 
 
+def product_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The precision a dense transform of a ``dtype`` tensor is computed in: float32 for
+    float32 and half-precision tensors (one product per axis, rounded once to the tensor's
+    own precision: float64 would double the cost for no digit that survives), float64 for
+    float64 ones."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _apply_axis(t: torch.Tensor, ax: AxisRole, idx: torch.Tensor, mat: torch.Tensor) -> None:
     """Apply one point's dense matrix along one axis of ``t`` (in place)."""
     view = ax.block_of(t)
@@ -221,7 +229,8 @@ def transform_state_dict(
     folded_keys = {k for f in folds for k in (f.weight, f.running_mean, f.running_var) if k}
     work: dict[str, torch.Tensor] = {}
     # permutations are gathered with one index per (tensor, axis, block); dense
-    # transforms are applied in float64, on the tensor's device
+    # transforms are applied on the tensor's device, in float32 for float32 (and
+    # half-precision) tensors, in float64 for float64 ones (product_dtype)
     gathers: dict[tuple[str, int, tuple[int, int, int] | None], torch.Tensor] = {}
     for ax in spec.axes:
         if ax.role == "folded" and ax.tensor in folded_keys:
@@ -242,7 +251,7 @@ def transform_state_dict(
                 gathers[key] = _gather_index(ax, idx, src, gathers.get(key))
                 continue
             if ax.tensor not in work:
-                work[ax.tensor] = sd[ax.tensor].detach().to(torch.float64, copy=True)
+                work[ax.tensor] = sd[ax.tensor].detach().to(product_dtype(sd[ax.tensor].dtype), copy=True)
             m, u = mats[p]
             _apply_axis(work[ax.tensor], ax, idx, u if ax.role == "input" else m)
     for k, v in work.items():
