@@ -26,6 +26,7 @@ __all__ = [
     "VGG11",
     "ResNet20",
     "BasicBlock",
+    "MobileNet",
     "build_model",
     "canonical_arch",
     "input_shape",
@@ -42,9 +43,9 @@ DATASET_SHAPES: dict[str, tuple[tuple[int, int, int], int]] = {
 }
 
 #: Architecture names accepted by :func:`build_model`.
-ARCHITECTURES: tuple[str, ...] = ("mlp", "smallcnn", "vgg11", "resnet20", "resbn")
+ARCHITECTURES: tuple[str, ...] = ("mlp", "smallcnn", "vgg11", "resnet20", "resbn", "mobilenet")
 
-_ARCH_ALIASES = {"cnn": "smallcnn", "small_cnn": "smallcnn", "vgg": "vgg11", "resnet": "resnet20"}
+_ARCH_ALIASES = {"mobilenetv2": "mobilenet", "mobilenet_v2": "mobilenet", "cnn": "smallcnn", "small_cnn": "smallcnn", "vgg": "vgg11", "resnet": "resnet20"}
 _DATASET_ALIASES = {"fashion_mnist": "fashion-mnist", "fashionmnist": "fashion-mnist", "cifar-10": "cifar10"}
 
 
@@ -288,6 +289,63 @@ class ResidualBNCNN(nn.Module):
         return self.fc(self.flatten(self.pool(x)))
 
 
+class InvertedResidual(nn.Module):
+    """MobileNetV2 block: 1x1 expansion-BN-ReLU6, depthwise 3x3-BN-ReLU6, 1x1 projection-BN,
+    plus the input when the shape is kept (no ReLU after the sum)."""
+
+    def __init__(self, cin: int, cout: int, stride: int, expand: int) -> None:
+        super().__init__()
+        hidden = cin * expand
+        layers: list[nn.Module] = []
+        if expand != 1:
+            layers += [nn.Conv2d(cin, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.ReLU6()]
+        layers += [
+            nn.Conv2d(hidden, hidden, 3, stride=stride, padding=1, groups=hidden, bias=False),
+            nn.BatchNorm2d(hidden), nn.ReLU6(),
+            nn.Conv2d(hidden, cout, 1, bias=False), nn.BatchNorm2d(cout),
+        ]
+        self.body = nn.Sequential(*layers)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        return x + out if self.residual else out
+
+
+class MobileNet(nn.Module):
+    """A CIFAR-sized MobileNetV2 (Sandler et al., CVPR 2018): a 3x3 stem, inverted residual
+    stages ``(expand, channels, blocks, stride)`` = (1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2),
+    (6, 64, 2, 2), a 1x1 conv to 256, average pool, linear head; every width times
+    ``width_multiplier`` (fewer and earlier-strided stages than ImageNet's, to train on a CPU). Its depthwise convolutions leave the expanded channels only
+    permutations, while the residual streams take dense maps.
+
+    Notes
+    -----
+    Input ``(b, in_channels, 32, 32)``; output ``(b, num_classes)``.
+    """
+
+    def __init__(self, num_classes: int = 10, width_multiplier: float = 1, in_channels: int = 3) -> None:
+        super().__init__()
+        stem = _scaled(32, width_multiplier)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, stem, 3, padding=1, bias=False), nn.BatchNorm2d(stem), nn.ReLU6())
+        blocks: list[nn.Module] = []
+        cin = stem
+        for expand, c, n, stride in ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 2, 2), (6, 64, 2, 2)):
+            cout = _scaled(c, width_multiplier)
+            for i in range(n):
+                blocks.append(InvertedResidual(cin, cout, stride if i == 0 else 1, expand))
+                cin = cout
+        self.blocks = nn.Sequential(*blocks)
+        last = _scaled(256, width_multiplier)
+        self.head = nn.Sequential(nn.Conv2d(cin, last, 1, bias=False), nn.BatchNorm2d(last), nn.ReLU6())
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.flatten = nn.Flatten()
+        self.fc = nn.Linear(last, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.flatten(self.pool(self.head(self.blocks(self.stem(x))))))
+
+
 def _canonical_dataset(dataset: str) -> str:
     key = _DATASET_ALIASES.get(dataset.strip().lower(), dataset.strip().lower())
     if key not in DATASET_SHAPES:
@@ -313,7 +371,7 @@ def build_model(arch: str, dataset: str, *, width: float | None = None, **kw: An
 
     Parameters
     ----------
-    arch : {"mlp", "smallcnn", "vgg11", "resnet20", "resbn"}
+    arch : {"mlp", "smallcnn", "vgg11", "resnet20", "resbn", "mobilenet"}
         Architecture (``"cnn"`` is an alias of ``"smallcnn"``).
     dataset : {"digits", "mnist", "fashion-mnist", "cifar10"}
         Sets the input channels / size and the number of classes.
@@ -350,4 +408,6 @@ def build_model(arch: str, dataset: str, *, width: float | None = None, **kw: An
     if a == "resbn":
         return ResidualBNCNN(c, num_classes, width=int(width if width is not None else kw.pop("width", 32)))
     wm = width if width is not None else kw.pop("width_multiplier", 1)
+    if a == "mobilenet":
+        return MobileNet(num_classes, width_multiplier=wm, in_channels=c, **kw)
     return ResNet20(num_classes, width_multiplier=wm, in_channels=c, **kw)

@@ -27,7 +27,7 @@ from benchmarks.models import (  # noqa: E402
 from benchmarks.train import evaluate, load_checkpoint, train_models  # noqa: E402
 
 # Small widths keep every case well under a second.
-_SMALL = {"mlp": 32, "smallcnn": 8, "vgg11": 0.125, "resnet20": 0.5, "resbn": 4}
+_SMALL = {"mlp": 32, "smallcnn": 8, "vgg11": 0.125, "resnet20": 0.5, "resbn": 4, "mobilenet": 0.25}
 
 
 @pytest.mark.parametrize("dataset", sorted(DATASET_SHAPES))
@@ -45,6 +45,18 @@ def test_build_forward_and_fx_trace(arch, dataset):
     # Every layer is a module call, so the merge tracer sees named modules.
     ops = {n.op for n in traced.graph.nodes}
     assert "call_module" in ops
+
+
+def test_mobilenet_has_permutation_and_dense_points():
+    """The MobileNet's depthwise convolutions leave its expanded channels permutations only,
+    while its residual streams take dense maps (what the benchmark uses it for)."""
+    import autoalign
+
+    model = build_model("mobilenet", "cifar10", width=0.25).eval()
+    spec = autoalign.find_merge_points(model, torch.randn(2, 3, 32, 32))
+    kinds = [p.kind for p in spec.points]
+    assert kinds.count("permutation") >= 5 and kinds.count("linear") >= 3
+    assert spec.coverage() == 1.0
 
 
 def test_default_sizes_and_constructors():
