@@ -95,9 +95,16 @@ def collect(models: Sequence[nn.Module], calib: Calibration, spec: MergeSpec, al
     if al.needs == "none":
         return None
     return collect_stats(
-        models, calib, spec, needs=al.needs, reference=reference, self_moments=al.self_moments,
+        models, calib, spec, needs=al.needs, reference=reference, self_moments=self_moments_for(al, spec),
         precision=opts.precision, trace_options=opts.trace_options, modules=repair_measures(models[0], spec, al, opts),
     )
+
+
+def self_moments_for(al: Aligner, spec: MergeSpec) -> str | dict[str, str]:
+    """What the statistics pass collects of each model's own moments: the aligner's
+    ``self_moments``, or per point where the aligner's :meth:`~autoalign.aligners.Aligner.self_moments_at` differs."""
+    modes = {p.name: al.self_moments_at(p) for p in spec.points if p.kind != "frozen"}
+    return al.self_moments if all(mode == al.self_moments for mode in modes.values()) else modes
 
 
 def repair_measures(model: nn.Module, spec: MergeSpec, al: Aligner, opts: MergeOptions) -> dict[str, str]:

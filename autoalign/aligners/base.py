@@ -248,6 +248,12 @@ class Aligner:
         if options:
             raise TypeError(f"aligner {self.name!r} got unknown options {sorted(options)}")
 
+    def self_moments_at(self, point: MergePoint) -> SelfMoments:
+        """Each model's own second moments this aligner reads at ``point``: the class's
+        ``self_moments`` unless a subclass knows better per point (``procrustes`` needs only
+        variances where the point admits nothing but permutations)."""
+        return self.self_moments
+
     def solve(self, problem: AlignProblem) -> Plan:  # pragma: no cover - abstract
         raise NotImplementedError(f"{type(self).__name__} must implement solve(problem)")
 
@@ -322,6 +328,13 @@ class ReferenceAligner(PointwiseAligner):
     """
 
     kind: ClassVar[str] = "linear"
+
+    def plan_kind(self, point: MergePoint) -> str:
+        """The kind of the matrices :meth:`solve_pair` returns at ``point`` (the class's
+        ``kind``; an aligner that solves within a point's own group says so here, and the
+        engine then has nothing to project)."""
+        return self.kind
+
     @property
     def reference_cache(self) -> dict[str, Any]:
         """Per point, what :meth:`solve_pair` computed from the reference alone (cleared per
@@ -369,7 +382,7 @@ class ReferenceAligner(PointwiseAligner):
             if note:
                 notes.append(note)
         score = sum(scores) / len(scores) if scores else None
-        return PointPlan(merges, unmerges, kind=self.kind, score=score, note="; ".join(notes) or None)
+        return PointPlan(merges, unmerges, kind=self.plan_kind(point), score=score, note="; ".join(notes) or None)
 
 
 def identity_plan(dim: int, n_models: int, *, note: str | None = None) -> PointPlan:

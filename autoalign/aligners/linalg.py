@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 
+from .low_rank import OVERSAMPLE, low_rank_polar_nearest_identity
+
 __all__ = ["sym_power", "psd_noise", "polar_nearest_identity", "match_permutation", "nearest_permutation", "nearest_orthogonal", "nearest_rotary",
            "pair_rotations", "is_permutation", "is_rotary"]
 
@@ -36,7 +38,8 @@ def psd_noise(c: torch.Tensor) -> float:
 
 
 def polar_nearest_identity(
-    m: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0, identity: torch.Tensor | None = None
+    m: torch.Tensor, rtol: float = 1e-10, atol: float = 0.0, identity: torch.Tensor | None = None,
+    rank_bound: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """The orthogonal ``Q`` maximising ``tr(Qᵀ m)``, nearest the identity where that is not unique.
 
@@ -60,6 +63,13 @@ def polar_nearest_identity(
         The orthogonal matrix to be nearest to on the zero singular values (default
         the identity): with ``m = Aᵀ m' B`` for orthogonal ``A``, ``B``, passing ``Aᵀ B``
         gives ``Aᵀ Q' B`` with ``Q'`` the answer for ``m'``.
+    rank_bound : int, optional
+        An upper bound on the rank of ``m`` apart from rounding (``n − 1`` for a
+        cross-covariance of ``n`` samples). When it is below a quarter of ``d`` (and
+        ``identity`` is not given), the same ``Q`` is computed in a subspace of
+        dimension at most twice the bound
+        (:func:`~autoalign.aligners.low_rank.low_rank_polar_nearest_identity`), without
+        a ``(d, d)`` SVD; ``s`` then holds zeros beyond the sketch's singular values.
 
     Returns
     -------
@@ -79,6 +89,10 @@ def polar_nearest_identity(
     (True, 2)
     """
     d = m.shape[0]
+    if rank_bound is not None and identity is None and 4 * (rank_bound + OVERSAMPLE) <= d:
+        found = low_rank_polar_nearest_identity(m, rank_bound, rtol, atol)
+        if found is not None:
+            return found
     u, s, vt = torch.linalg.svd(m)
     smax = float(s[0]) if s.numel() else 0.0
     rank = int((s > max(rtol * smax, atol)).sum()) if smax > 0 else 0

@@ -14,7 +14,7 @@ from torch import nn
 from ..calibration import NO_BATCH, Calibration
 from ..capture import tapped_module
 from ..distributed import all_reduce_count, is_distributed
-from ..errors import DataError, NonFiniteError
+from ..errors import DataError, NonFiniteError, OptionError
 from ..spec import MergePoint, MergeSpec, Site
 from ..trace import eval_mode
 from ..vocab import NEEDS, SELF_MOMENTS, check_choice, product_dtype_for
@@ -80,7 +80,7 @@ def collect_stats(
     example_inputs: Any = None,
     trace_options: dict[str, Any] | None = None,
     precision: str | None = None,
-    self_moments: str = "full",
+    self_moments: str | Mapping[str, str] = "full",
     modules: Mapping[str, str] | None = None,
 ) -> Stats:
     """One streaming pass over ``data`` accumulating feature statistics for all models.
@@ -113,13 +113,14 @@ def collect_stats(
     precision : {None, "float32", "float64"}
         Precision of the per-chunk products (always accumulated in float64).
         Default: float64 for float64 features, float32 otherwise.
-    self_moments : {"full", "diagonal"}, default "full"
+    self_moments : {"full", "diagonal"} or dict of str to {"full", "diagonal"}, default "full"
         Each model's own second moments: the (d, d) covariance, or only the
         variances (``squares[m]`` of shape (d,); ``cov(m)`` then raises, while
         ``var``, ``std`` and ``corr`` work). ``"diagonal"`` skips the (d, d)
         self-products, which for all-to-one statistics are about half of the
-        products taken; :func:`autoalign.merge` passes the aligner's
-        ``self_moments``.
+        products taken. A dict sets it per merge point (points it does not name
+        get ``"full"``); :func:`autoalign.merge` passes what the aligner reads at
+        each point (:meth:`~autoalign.aligners.Aligner.self_moments_at`).
     modules : dict of str to {"full", "diagonal"}, optional
         Submodules whose *outputs* get each model's own moments too, in the same
         pass (``Stats.modules``; channels along axis 1, the last axis for
@@ -148,8 +149,7 @@ def collect_stats(
     (2, 16, (4, 4))
     """
     product_dtype = product_dtype_for(precision)
-    check_choice("self_moments", self_moments, SELF_MOMENTS)
-    diagonal = self_moments == "diagonal"
+    diagonal = _diagonal_points(spec, self_moments)
     if needs == "none":
         return Stats({}, [], len(models), 0)
     calib = Calibration.coerce(data, input_fn=input_fn, num_batches=num_batches, device=device, progress=progress)
@@ -185,7 +185,7 @@ def collect_stats(
             x, channels_first = site_view(value, s, params[m])
             mom = moments.get(p.name)
             if mom is None:
-                mom = moments[p.name] = Moments(n_models, p.dim, pairs, x.device, diagonal)
+                mom = moments[p.name] = Moments(n_models, p.dim, pairs, x.device, p.name in diagonal)
             held = kept.setdefault((p.name, si), {})
             total, chunks = mom.add_model(
                 m, x, channels_first, partners={k: held[k] for k in partners_of[m]},
@@ -236,7 +236,7 @@ def collect_stats(
     if is_distributed():
         # a process whose shard was empty still takes part in the all-reduce, with zeros
         for p in wanted:
-            moments.setdefault(p.name, Moments(n_models, p.dim, pairs, dev, diagonal))
+            moments.setdefault(p.name, Moments(n_models, p.dim, pairs, dev, p.name in diagonal))
     all_reduce(moments)
     if is_distributed():  # a process whose shard was empty takes part with zeros
         for name in module_modes:
@@ -260,6 +260,19 @@ def collect_stats(
             stacklevel=2,
         )
     return Stats(out, pairs, n_models, batches, {name: module_moments[name].point_stats() for name in module_modes if name in module_moments})
+
+
+def _diagonal_points(spec: MergeSpec, self_moments: str | Mapping[str, str]) -> set[str]:
+    """Names of the points whose self-moments are variances only; checks the option."""
+    if isinstance(self_moments, Mapping):
+        names = {p.name for p in spec.points}
+        for name, mode in self_moments.items():
+            if name not in names:
+                raise OptionError(f"self_moments names {name!r}, which is not a merge point of the spec")
+            check_choice(f"self_moments[{name!r}]", mode, SELF_MOMENTS)
+        return {name for name, mode in self_moments.items() if mode == "diagonal"}
+    check_choice("self_moments", self_moments, SELF_MOMENTS)
+    return {p.name for p in spec.points} if self_moments == "diagonal" else set()
 
 
 def module_width(module: nn.Module) -> int | None:
