@@ -21,6 +21,7 @@ import torch
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import autoalign  # noqa: E402
+from benchmarks.cost_bound import statistics_bound  # noqa: E402
 
 __all__ = [
     "PeakMemory", "MODELS", "TORCHVISION", "best_of", "make_models", "make_data", "forward_floor", "measure",
@@ -452,7 +453,9 @@ def measure_torchvision(
     dict
         JSON-ready row with the raw runs (``floor_runs``, ``merge_runs``) and the summary
         (``floor_seconds``, ``total_seconds``, ``timings``, ``other_seconds``, ``total_over_floor``,
-        ``floor_peak_bytes``, ``merge_peak_bytes``).
+        ``floor_peak_bytes``, ``merge_peak_bytes``) and the statistics pass's multiply-add
+        bound (:mod:`benchmarks.cost_bound`: ``forward_macs``, ``gram_macs_points``,
+        ``gram_macs_repair_sites``, ``statistics_bound_seconds``, ``statistics_over_bound``).
     """
     models = make_torchvision(name, n, image_size, device, num_classes)
     data = make_images(batches, batch_size, image_size, device, num_classes)
@@ -462,15 +465,21 @@ def measure_torchvision(
     kwargs = merge_kwargs(aligner, repair, device)
     floors: list[dict[str, Any]] = []
     runs: list[dict[str, Any]] = []
+    bound: dict[str, Any] | None = None
     with synchronized_stages(device):
         for _ in range(repeats):
             floors.append(_timed_floor(models, data, device))
             run, res = _timed_merge(models, data, kwargs, device)
             runs.append(run)
             report = res.report
+            if bound is None and res.stats is not None:
+                bound = statistics_bound(models[0], data, res.stats, n, 1.0)
             del res
     best = min(runs, key=lambda r: r["seconds"])
     floor = min(f["seconds"] for f in floors)
+    if bound is not None:  # the bound in seconds, against the best floor
+        bound["statistics_bound_seconds"] *= floor
+        bound["statistics_over_bound"] = best["timings"].get("statistics", float("nan")) / bound["statistics_bound_seconds"]
     return {
         "torchvision": name,
         "params": sum(p.numel() for p in models[0].parameters()),
@@ -495,4 +504,5 @@ def measure_torchvision(
         "total_over_floor": best["seconds"] / floor if floor > 0 else float("nan"),
         "floor_peak_bytes": max(f["peak_bytes"] for f in floors),
         "merge_peak_bytes": max(r["peak_bytes"] for r in runs),
+        **(bound or {}),
     }

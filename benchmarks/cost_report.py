@@ -118,20 +118,24 @@ def torchvision_markdown(result: dict[str, Any]) -> str:
         "`report.timings`, other = total − stages (validation, copies, checks). Peaks: memory above the level "
         "before the phase (resident set sampled every ms on CPU, `max_memory_allocated` on CUDA).",
         "",
+        "Bound: the statistics pass's multiply-add bound, floor · (1 + G / F) with F the forward passes' and G "
+        "the feature products' multiply-adds (`benchmarks/cost_bound.py`); stats / bound is what the implementation adds.",
+        "",
         "| model | params M | N | aligner | floor s | total s | total / floor | "
-        + "".join(f"{s} s | " for s in stages) + "other s | floor peak MiB | merge peak MiB |",
-        "|" + "---|" * (10 + len(stages)),
+        + "".join(f"{s} s | " for s in stages) + "other s | stats bound s | stats / bound | floor peak MiB | merge peak MiB |",
+        "|" + "---|" * (12 + len(stages)),
     ]
     for r in rows:
         lead = f"| {r['torchvision']} | {_params(r)} | {r['n']} | {r['aligner']} |"
         if "error" in r:
-            lines.append(lead + f" failed: {r['error']} |" + " – |" * (5 + len(stages)))
+            lines.append(lead + f" failed: {r['error']} |" + " – |" * (7 + len(stages)))
             continue
         t = r["timings"]
         lines.append(
             lead + f" {r['floor_seconds']:.3f} | {r['total_seconds']:.3f} | {r['total_over_floor']:.2f} | "
             + "".join(f"{_sec(t.get(s))} | " for s in stages)
-            + f"{r['other_seconds']:.3f} | {_mib(r['floor_peak_bytes'])} | {_mib(r['merge_peak_bytes'])} |"
+            + f"{r['other_seconds']:.3f} | {_sec(r.get('statistics_bound_seconds'))} | {_ratio(r.get('statistics_over_bound'))} | "
+            f"{_mib(r['floor_peak_bytes'])} | {_mib(r['merge_peak_bytes'])} |"
         )
     return "\n".join(lines) + "\n"
 

@@ -18,6 +18,7 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:
     sys.path.insert(0, str(REPO_ROOT))
 
+import autoalign  # noqa: E402
 from benchmarks import correlation, cost, merge_accuracy  # noqa: E402
 from benchmarks.models import MLP  # noqa: E402
 from benchmarks.train import make_config, subset_indices, train_models  # noqa: E402
@@ -102,10 +103,28 @@ def test_cost_torchvision_tiny_resnet18(tmp_path: pathlib.Path) -> None:
     header, rule, line, bad = md.strip().splitlines()[-4:]
     assert line.startswith("| resnet18 | 11.2 | 2 | permutation |") and "failed: timeout after 60 s" in bad
     assert header.count("|") == rule.count("|") == line.count("|") == bad.count("|")
-    for stage in ("discover s", "statistics s", "solve s", "apply s", "repair s", "other s", "merge peak MiB"):
+    for stage in ("discover s", "statistics s", "solve s", "apply s", "repair s", "other s", "stats / bound", "merge peak MiB"):
         assert stage in header
+    # the multiply-add bound: permutation takes the cross blocks only, 1 per point and row at N = 2
+    assert row["forward_macs"] > 0 and row["gram_macs_repair_sites"] == 0
+    assert row["floor_seconds"] < row["statistics_bound_seconds"] and row["statistics_over_bound"] > 0
     cost.plot_stages(result["rows"], tmp_path / "stages.png", x_key="n", x_label="N", panel_key="torchvision")
     assert (tmp_path / "stages.png").stat().st_size > 0
+
+
+def test_cost_bound_counts_the_products_of_the_statistics_pass() -> None:
+    from benchmarks.cost_bound import forward_macs, gram_macs
+
+    torch.manual_seed(0)
+    nets = [torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3)) for _ in range(3)]
+    data = [torch.randn(10, 5), torch.randn(6, 5)]
+    assert forward_macs(nets[0], data) == 16 * (5 * 8 + 8 * 3)
+    spec = autoalign.find_merge_points(nets[0], data[0])
+    full = autoalign.collect_stats(nets, data, spec)
+    diag = autoalign.collect_stats(nets, data, spec, self_moments="diagonal", modules={"0": "full"})
+    # 16 rows of 8 features: squares of all 3 models and 2 cross blocks, or the cross blocks only
+    assert gram_macs(full, 3) == {"points": 16 * 64 * 5, "repair_sites": 0}
+    assert gram_macs(diag, 3) == {"points": 16 * 64 * 2, "repair_sites": 16 * 64 * 3}
 
 
 def test_cost_cuda_stages_wait_for_the_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
