@@ -215,3 +215,42 @@ def test_float32_weights_are_transformed_in_float32_to_float32_accuracy(monkeypa
 def test_products_keep_float64_and_lift_half_precision():
     want = {torch.float16: torch.float32, torch.bfloat16: torch.float32, torch.float32: torch.float32, D64: D64}
     assert {dt: apply_module.product_dtype(dt) for dt in want} == want
+
+
+# --- one projection per attention node ----------------------------------------------------------
+
+
+def test_heads_share_one_projection_of_their_node():
+    """Every head's query/key point is read through the fused in-projection of its attention
+    input; the statistics pass projects each node once, not once per head."""
+    from autoalign.stats.moments import site_view
+
+    torch.manual_seed(0)
+    attn = nn.MultiheadAttention(16, 4, batch_first=True)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp, self.attn, self.out = nn.Linear(5, 16), attn, nn.Linear(16, 3)
+
+        def forward(self, x):
+            h = self.inp(x)
+            return self.out(self.attn(h, h, h, need_weights=False)[0].mean(1))
+
+    net = Net().eval()
+    x = torch.randn(2, 6, 5)
+    spec = autoalign.find_merge_points(net, x)
+    by_node = {}
+    for p in spec.points:
+        for s in p.sites:
+            if s.kind == "projected":
+                by_node.setdefault(s.node, []).append(s)
+    node, sites = max(by_node.items(), key=lambda kv: len(kv[1]))
+    assert len(sites) >= 4  # a query/key point per head
+    params = dict(net.state_dict())
+    value = torch.randn(2, 6, 16)
+    cache = {}
+    shared = [site_view(value, s, params, cache)[0] for s in sites]
+    alone = [site_view(value, s, params)[0] for s in sites]
+    assert len(cache) == len({(s.weight, s.bias, s.axis) for s in sites}) < len(sites)
+    assert all(torch.equal(a, b) for a, b in zip(shared, alone))

@@ -181,8 +181,9 @@ def collect_stats(
 
     def observe(node: str, value: torch.Tensor) -> None:
         m = state["model"]
+        projections: dict[tuple[str, str | None, int], torch.Tensor] = {}  # one projection per weight for this node
         for p, si, s in taps[node]:
-            x, channels_first = site_view(value, s, params[m])
+            x, channels_first = site_view(value, s, params[m], projections)
             mom = moments.get(p.name)
             if mom is None:
                 mom = moments[p.name] = Moments(n_models, p.dim, pairs, x.device, p.name in diagonal)

@@ -20,18 +20,29 @@ __all__ = ["CHUNK", "Moments", "site_view", "all_reduce"]
 CHUNK = 1 << 20
 
 
-def site_view(value: torch.Tensor, site: Site, params: dict[str, torch.Tensor] | None = None) -> tuple[torch.Tensor, bool]:
+def site_view(
+    value: torch.Tensor, site: Site, params: dict[str, torch.Tensor] | None = None,
+    projections: dict[tuple[str, str | None, int], torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, bool]:
     """One site's features without copying where possible.
 
     Returns ``(x, channels_first)``: ``x`` has shape ``(samples, d, positions)``
     when ``channels_first`` (a contiguous NC… activation, a free view; its
     chunks are copied feature-major for the products), else ``(…, d)`` with the
-    feature axis last.
+    feature axis last. ``projections`` caches a ``projected`` site's projection of
+    ``value`` for the other sites of the same node and weight (attention heads:
+    one fused projection serves every head's point).
     """
     if site.kind == "projected":
         assert params is not None and site.weight is not None
-        w, b = params[site.weight], params[site.bias] if site.bias else None
-        value = torch.nn.functional.linear(value.movedim(site.axis, -1), w.to(value.dtype), None if b is None else b.to(value.dtype))
+        key = (site.weight, site.bias, site.axis)
+        projected = None if projections is None else projections.get(key)
+        if projected is None:
+            w, b = params[site.weight], params[site.bias] if site.bias else None
+            projected = torch.nn.functional.linear(value.movedim(site.axis, -1), w.to(value.dtype), None if b is None else b.to(value.dtype))
+            if projections is not None:
+                projections[key] = projected
+        value = projected
         axis = value.dim() - 1  # the projection's outputs, then the index picks the point's features
     else:
         axis = site.axis % value.dim()
