@@ -473,12 +473,12 @@ def measure_torchvision(
             runs.append(run)
             report = res.report
             if bound is None and res.stats is not None:
-                bound = statistics_bound(models[0], data, res.stats, n, 1.0)
+                bound = statistics_bound(models[0], data, res.stats, n)
             del res
     best = min(runs, key=lambda r: r["seconds"])
     floor = min(f["seconds"] for f in floors)
     if bound is not None:  # the bound in seconds, against the best floor
-        bound["statistics_bound_seconds"] *= floor
+        bound["statistics_bound_seconds"] = bound["bound_over_floor"] * floor
         bound["statistics_over_bound"] = best["timings"].get("statistics", float("nan")) / bound["statistics_bound_seconds"]
     return {
         "torchvision": name,

@@ -99,8 +99,8 @@ def _left_out_norm(m: torch.Tensor, basis: torch.Tensor, g: torch.Generator, ite
     norm = 0.0
     for _ in range(iterations):
         y = m @ x
-        y = y - basis @ (basis.T @ y)
-        z = m.T @ (y - basis @ (basis.T @ y))
+        y = y - basis @ (basis.T @ y)  # (I − B Bᵀ) m x
+        z = m.T @ y  # mᵀ (I − B Bᵀ)² m x, the projector being idempotent
         zn = float(torch.linalg.vector_norm(z))
         norm = float(torch.linalg.vector_norm(y)) / max(float(torch.linalg.vector_norm(x)), 1e-300)
         if zn == 0.0:

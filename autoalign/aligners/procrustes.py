@@ -178,9 +178,8 @@ class ProcrustesAligner(ReferenceAligner):
         self, point: MergePoint, stats: PointStats, ref: int, m: int
     ) -> tuple[torch.Tensor, torch.Tensor, float, str | None]:
         if self._assigns(point):  # the maximiser of tr(Pᵀ C) among permutations
-            target = stats.corr(ref, m) if self.standardize else stats.cov(ref, m)
-            p = permutation_procrustes(target).to(target.device)
             corr = stats.corr(ref, m)
+            p = permutation_procrustes(corr if self.standardize else stats.cov(ref, m)).to(corr.device)
             return p, p.T.contiguous(), float((corr * p).sum() / point.dim), None
         cxx, cyy, cxy = stats.cov(ref), stats.cov(m), stats.cov(ref, m)
         if "noise" not in self.reference_cache:  # the reference's rounding level: once per point
